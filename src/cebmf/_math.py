@@ -1,0 +1,111 @@
+"""Numerical helpers shared by the prior families: log-space normal densities and
+numerically stable truncated-normal moments.
+
+Everything here is elementwise and vectorised over observations; nothing loops in
+Python over data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+SQRT2 = math.sqrt(2.0)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# Above this truncation point the standardised truncated-normal moments are computed
+# from Laplace's continued fraction, which has no cancellation there.
+_CF_THRESHOLD = 3.0
+_CF_DEPTH = 40
+
+
+def log_normal_pdf(x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """log N(x; 0, var), elementwise."""
+    return -0.5 * (LOG_2PI + torch.log(var) + x * x / var)
+
+
+def log_scaled_ndtr(u: torch.Tensor) -> torch.Tensor:
+    r"""``u**2 / 2 + log Phi(u)``, stable for every real ``u``.
+
+    For ``u < 0`` this is ``log(erfcx(-u / sqrt 2) / 2)``, which neither overflows nor
+    cancels; for ``u >= 0`` the direct form has no cancellation.
+    """
+    neg = torch.log(0.5 * torch.special.erfcx(-u.clamp(max=0.0) / SQRT2))
+    pos = 0.5 * u * u + torch.special.log_ndtr(u.clamp(min=0.0))
+    return torch.where(u < 0, neg, pos)
+
+
+def std_truncnorm_moments(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Moments of Z ~ N(0, 1) truncated to ``[alpha, inf)``.
+
+    Returns ``(delta, var)`` with ``delta = E[Z] - alpha`` (>= 0) and ``var = Var[Z]``.
+    With the inverse Mills ratio ``lam = phi(alpha) / Phi(-alpha)``:
+    ``delta = lam - alpha`` and ``var = 1 - lam * delta``. Both cancel badly for large
+    ``alpha``; there we use Laplace's continued fraction
+    ``lam = alpha + t1``, ``t_k = k / (alpha + t_{k+1})``, which gives
+    ``delta = t1`` and ``var = t1 * (t2 - t1)`` without cancellation.
+
+    These are also the first two derivatives of ``log_scaled_ndtr(-alpha)``.
+    """
+    a_direct = alpha.clamp(max=_CF_THRESHOLD)
+    lam = SQRT_2_OVER_PI / torch.special.erfcx(a_direct / SQRT2)
+    delta = lam - a_direct
+    var = 1.0 - lam * delta
+    far = alpha > _CF_THRESHOLD
+    if bool(far.any()):
+        a_cf = alpha[far]
+        t = torch.zeros_like(a_cf)
+        t2 = t
+        for k in range(_CF_DEPTH, 0, -1):
+            if k == 1:
+                t2 = t
+            t = k / (a_cf + t)
+        delta = delta.masked_scatter(far, t)
+        var = var.masked_scatter(far, t * (t2 - t))
+    return delta, var.clamp(min=0.0)
+
+
+def truncnorm_moments(
+    mean: torch.Tensor, sd: torch.Tensor, lower: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of N(mean, sd^2) truncated to ``[lower, inf)``."""
+    alpha = (lower - mean) / sd
+    delta, var = std_truncnorm_moments(alpha)
+    return lower + sd * delta, sd * sd * var
+
+
+def normal_sign_probs(
+    mean: torch.Tensor, sd: torch.Tensor, c: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P(theta <= c), P(theta >= c))`` for theta ~ N(mean, sd^2); sd = 0 is a point mass."""
+    point = sd <= 0
+    safe_sd = torch.where(point, torch.ones_like(sd), sd)
+    z = (c - mean) / safe_sd
+    p_le = torch.where(point, (mean <= c).to(mean.dtype), torch.special.ndtr(z))
+    p_ge = torch.where(point, (mean >= c).to(mean.dtype), torch.special.ndtr(-z))
+    return p_le, p_ge
+
+
+def truncnorm_sign_probs(
+    mean: torch.Tensor, sd: torch.Tensor, lower: float = 0.0, c: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P(theta <= c), P(theta >= c))`` for N(mean, sd^2) truncated to ``[lower, inf)``."""
+    if c <= lower:
+        return torch.zeros_like(mean), torch.ones_like(mean)
+    # P(theta >= c) = Phi((mean - c)/sd) / Phi((mean - lower)/sd), in log space.
+    log_ratio = torch.special.log_ndtr((mean - c) / sd) - torch.special.log_ndtr(
+        (mean - lower) / sd
+    )
+    log_ratio = log_ratio.clamp(max=0.0)
+    return -torch.expm1(log_ratio), torch.exp(log_ratio)
+
+
+def point_sign_probs(
+    like: torch.Tensor, location: float = 0.0, c: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P(theta <= c), P(theta >= c))`` for a point mass at ``location``."""
+    p_le = torch.full_like(like, 1.0 if location <= c else 0.0)
+    p_ge = torch.full_like(like, 1.0 if location >= c else 0.0)
+    return p_le, p_ge

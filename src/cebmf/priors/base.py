@@ -1,0 +1,178 @@
+"""The EBNM contract shared by every prior family, and the registry of families by name.
+
+A family solves the empirical Bayes normal means problem
+
+    x_i ~ N(theta_i, s_i^2),   theta_i ~ g  (g in the family),
+
+by maximising the marginal log-likelihood ``sum_i log int N(x_i; theta, s_i^2) g(dtheta)``
+over g, and returns posterior summaries of theta under the fitted g.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EBNMResult:
+    """Result of one EBNM fit.
+
+    Attributes
+    ----------
+    mean, mean2, sd, lfsr
+        Posterior mean E[theta_i], second moment E[theta_i^2], sd and local false sign rate
+        min(P(theta_i <= 0), P(theta_i >= 0)), one entry per observation.
+    loglik
+        Exact marginal log-likelihood sum_i log p(x_i | g_hat, s_i) at the fitted prior.
+    g
+        The fitted prior as a dict of str / float / numpy arrays (storable in ``AnnData.uns``);
+        ``g["family"]`` names the family.
+    state
+        What the family needs to warm-start the next fit on similar data.
+    """
+
+    mean: Any
+    mean2: Any
+    sd: Any
+    lfsr: Any
+    loglik: float
+    g: dict[str, Any]
+    state: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class Prior(ABC):
+    """A prior family behind the EBNM contract ``fit(x, s, covariates=None, state=None)``.
+
+    Subclasses set ``name`` and implement :meth:`_fit`. Inputs to :meth:`fit` are
+    validated 1-D torch tensors of one floating dtype on one device.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when the family only puts mass on [mode, inf) (used for sign-aware initialisation).
+    nonnegative: ClassVar[bool] = False
+    #: True for covariate-moderated families.
+    uses_covariates: ClassVar[bool] = False
+
+    def __init__(self, mode: float = 0.0) -> None:
+        mode = float(mode)
+        if not np.isfinite(mode):
+            raise ValueError(f"mode must be a finite number, got {mode!r}.")
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode})"
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        state: dict[str, Any] | None = None,
+        *,
+        g_init: dict[str, Any] | None = None,
+        fix_g: bool = False,
+    ) -> EBNMResult:
+        """Fit the prior to ``(x, s)`` and return posterior summaries (torch tensors).
+
+        Parameters
+        ----------
+        x, s
+            Observations and their standard errors (1-D, same length, s > 0).
+        covariates
+            (n, d) covariates; only covariate-moderated families accept them.
+        state
+            ``result.state`` of an earlier fit of this family, to warm-start from.
+        g_init
+            A fitted prior (``result.g``) of this family: the starting point, or with
+            ``fix_g=True`` the prior under which posteriors are computed without refitting.
+        fix_g
+            Do not fit; requires ``g_init``.
+        """
+        if covariates is not None and not self.uses_covariates:
+            raise ValueError(
+                f"prior {self.name!r} does not use covariates, but covariates were given; "
+                "pass covariates=None or choose a covariate-moderated prior family."
+            )
+        if g_init is not None:
+            self.check_g(g_init, "g_init")
+        if fix_g and g_init is None:
+            raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
+        return self._fit(x, s, state=state, g_init=g_init, fix_g=fix_g)
+
+    @abstractmethod
+    def _fit(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        *,
+        state: dict[str, Any] | None,
+        g_init: dict[str, Any] | None,
+        fix_g: bool,
+    ) -> EBNMResult: ...
+
+    def check_g(self, g: dict[str, Any], argname: str = "g") -> None:
+        """Raise a clear error unless ``g`` is a fitted prior of this family with this mode."""
+        if not isinstance(g, dict) or "family" not in g:
+            raise TypeError(
+                f"{argname} must be the `g` dict of an earlier fit (with a 'family' key), "
+                f"got {type(g).__name__}."
+            )
+        if g["family"] != self.name:
+            raise ValueError(
+                f"{argname} is a {g['family']!r} prior but the prior family is {self.name!r}; "
+                f"pass a g of family {self.name!r} or change the prior."
+            )
+        g_mode = float(g.get("mode", 0.0))
+        if g_mode != self.mode:
+            raise ValueError(
+                f"{argname} has mode {g_mode} but mode={self.mode} was requested; "
+                f"pass mode={g_mode} or a g_init with mode {self.mode}."
+            )
+
+
+_REGISTRY: dict[str, type[Prior]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_prior(cls: type[Prior] | None = None, *, aliases: tuple[str, ...] = ()):
+    """Class decorator: make a prior family available by its ``name`` (and aliases)."""
+
+    def wrap(c: type[Prior]) -> type[Prior]:
+        if not c.name:
+            raise ValueError(f"{c.__name__} has no name.")
+        _REGISTRY[c.name] = c
+        for a in aliases:
+            _ALIASES[a] = c.name
+        return c
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def available_priors() -> list[str]:
+    """Names of the registered prior families (aliases excluded), sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_prior(prior: str | Prior, **options: Any) -> Prior:
+    """A prior instance from a registered name (plus constructor options) or an instance."""
+    if isinstance(prior, Prior):
+        if options:
+            raise TypeError(
+                f"options {sorted(options)} were given together with a prior instance; "
+                "set them on the instance instead."
+            )
+        return prior
+    if not isinstance(prior, str):
+        raise TypeError(
+            f"prior must be a family name or a Prior instance, got {type(prior).__name__}."
+        )
+    key = _ALIASES.get(prior, prior)
+    if key not in _REGISTRY:
+        names = ", ".join(available_priors() + sorted(_ALIASES))
+        raise ValueError(f"unknown prior {prior!r}; known prior families: {names}.")
+    return _REGISTRY[key](**options)

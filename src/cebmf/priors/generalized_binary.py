@@ -1,0 +1,83 @@
+"""``generalized_binary``: theta ~ pi0 delta_mode + (1 - pi0) TN_+(mu, (r mu)^2).
+
+The slab is N(mu, sigma^2), sigma = r mu, truncated to [0, inf) (r fixed, 0.1 by default).
+Its marginal is N(x; mu, s^2 + sigma^2) Phi(m / sqrt(v)) / Phi(1 / r) and its posterior
+N(m, v) truncated to [0, inf), with m = (x sigma^2 + mu s^2) / (sigma^2 + s^2) and
+v = sigma^2 s^2 / (sigma^2 + s^2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .._math import log_normal_pdf, truncnorm_moments, truncnorm_sign_probs
+from ._spike_slab import SpikeSlabPrior
+from .base import register_prior
+
+
+@register_prior
+class GeneralizedBinary(SpikeSlabPrior):
+    """``generalized_binary``: pi0 delta_mode + (1 - pi0) N(mu, (r mu)^2) truncated to
+    [mode, inf), r = ``ratio`` (fixed). pi0 and mu are fitted.
+
+    ``g`` holds ``pi0``, ``mu``, ``scale`` (sigma = r mu), ``ratio`` and ``mode``.
+    """
+
+    name = "generalized_binary"
+    nonnegative = True
+
+    def __init__(self, mode: float = 0.0, *, ratio: float = 0.1, max_iter: int = 100) -> None:
+        super().__init__(mode, max_iter=max_iter)
+        ratio = float(ratio)
+        if not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"ratio must be a positive finite number, got {ratio}.")
+        self.ratio = ratio
+        self.slab_m2 = 1.0 + ratio * ratio
+        self._log_norm = float(
+            torch.special.log_ndtr(torch.tensor(1.0 / ratio, dtype=torch.float64))
+        )
+
+    def _moments(self, x, s, eta):
+        mu = torch.exp(eta)
+        sigma2 = (self.ratio * mu) ** 2
+        s2 = s * s
+        tot = sigma2 + s2
+        post_mean = (x * sigma2 + mu * s2) / tot
+        post_sd = torch.sqrt(sigma2 * s2 / tot)
+        return mu, tot, post_mean, post_sd
+
+    def _slab_loglik(self, x, s, eta):
+        mu, tot, post_mean, post_sd = self._moments(x, s, eta)
+        return (
+            log_normal_pdf(x - mu, tot)
+            + torch.special.log_ndtr(post_mean / post_sd)
+            - self._log_norm
+        )
+
+    def _slab_pieces(self, x, s, eta, c):
+        l1 = self._slab_loglik(x, s, eta)
+        _, _, post_mean, post_sd = self._moments(x, s, eta)
+        post_sd = post_sd.expand_as(x)
+        mean, var = truncnorm_moments(post_mean, post_sd, 0.0)
+        return [(l1, mean, var, *truncnorm_sign_probs(post_mean, post_sd, 0.0, c))]
+
+    def _eta_to_g(self, eta: float) -> dict[str, float]:
+        mu = math.exp(eta)
+        return {"mu": mu, "scale": self.ratio * mu, "ratio": self.ratio}
+
+    def _g_to_eta(self, g: dict[str, Any]) -> float:
+        mu = float(g["mu"])
+        if not mu > 0 or not math.isfinite(mu):
+            raise ValueError(f"g_init['mu'] must be a positive finite number, got {mu}.")
+        if "ratio" in g and float(g["ratio"]) != self.ratio:
+            raise ValueError(
+                f"g_init['ratio'] is {g['ratio']} but this prior has ratio={self.ratio}; "
+                f"pass ratio={g['ratio']}."
+            )
+        return math.log(mu)
+
+    def __repr__(self) -> str:
+        return f"GeneralizedBinary(mode={self.mode}, ratio={self.ratio})"
