@@ -1,14 +1,17 @@
 """Maximum-likelihood mixture weights by sequential quadratic programming (mix-SQP).
 
-Solves  max_{pi in simplex} sum_i log sum_k L_ik pi_k  for a fixed likelihood matrix L
-(Kim, Carbonetto and Stephens 2020). As there, the equality constraint is relaxed:
+Solves  max_{pi in simplex} sum_i log sum_k A_ki pi_k  for a fixed (K, n) likelihood
+matrix A (Kim, Carbonetto and Stephens 2020). As there, the equality constraint is relaxed:
 
-    minimise  F(w) = -(1/n) sum_i log (L w)_i + sum_k w_k   over  w >= 0,
+    minimise  F(w) = -(1/n) sum_i log (A^T w)_i + sum_k w_k   over  w >= 0,
 
 whose minimiser lies on the simplex. Each iteration forms the exact gradient
-g = -(1/n) L^T (1 / Lw) and Hessian H = (1/n) L^T diag(1 / Lw)^2 L on the data's device
-(one GEMM), solves the K x K box QP  min_p 1/2 p^T H p + (g + 1)^T p,  w + p >= 0
-by a primal active-set method on the host, and backtracks on F.
+g = -(1/n) A (1 / A^T w) on the data's device (a matrix-vector product) and the Hessian
+H = (1/n) A diag(1 / A^T w)^2 A^T (one GEMM over the components in play; from an evenly
+spaced subsample of observations when that GEMM would be large, which changes the search
+direction but neither the objective nor the stopping rule), solves the box QP
+min_p 1/2 p^T H p + (g + 1)^T p,  w + p >= 0  by a primal active-set method on the host,
+and backtracks on F.
 
 Certificate: for pi on the simplex and any optimum pi*, by concavity
 loglik(pi*) - loglik(pi) <= n * (max_k(-g_k) - 1), so stopping at
@@ -64,14 +67,20 @@ def mixsqp(
     *,
     tol: float = 1e-8,
     max_iter: int = 200,
+    hessian_budget: float = 4e8,
 ) -> torch.Tensor:
-    """Maximum-likelihood weights for the (n, K) likelihood matrix ``lik`` (float64).
+    """Maximum-likelihood weights for the (K, n) likelihood matrix ``lik`` (float64).
 
-    Rows may be scaled by any positive constant (e.g. divided by their maximum); the
+    Columns may be scaled by any positive constant (e.g. divided by their maximum); the
     weights do not change. ``pi_init`` (on the simplex) is the warm start; the returned
     weights are never worse than it. Returns a (K,) float64 tensor on ``lik``'s device.
+
+    The QP of each iteration involves only the components that carry weight or whose
+    gradient invites them in; the others stay at zero for that iteration (the stopping
+    rule still checks all K). The Hessian of those k components is formed from at most
+    ``hessian_budget / k^2`` evenly spaced observations.
     """
-    n, k = lik.shape
+    k, n = lik.shape
     if k == 1:
         return torch.ones(1, dtype=lik.dtype, device=lik.device)
     if pi_init is None:
@@ -79,46 +88,48 @@ def mixsqp(
     else:
         w = pi_init.to(lik.dtype).clamp(min=0.0)
         w = w / w.sum()
-        u = lik @ w
-        if not bool((u > 0).all()):
+        if not bool((w @ lik > 0).all()):
             # the warm start gives zero likelihood to some observation: mix in uniform
             w = 0.5 * w + 0.5 / k
-    u = lik @ w
+    u = w @ lik
     obj = -torch.log(u).mean().item() + 1.0
     for _ in range(max_iter):
         inv_u = 1.0 / u
-        grad = -(lik.T @ inv_u) / n
-        grad1 = grad + 1.0
-        if grad1.min().item() >= -tol:
-            break
-        scaled = lik * inv_u[:, None]
-        hess = (scaled.T @ scaled) / n
-        h = hess.cpu().numpy()
-        h[np.diag_indices(k)] += 1e-10 * max(float(np.trace(h)) / k, 1e-300)
+        grad1 = 1.0 - (lik @ inv_u) / n
         g1 = grad1.cpu().numpy()
+        if g1.min() >= -tol:
+            break
         w_np = w.cpu().numpy()
-        y = _box_qp(h, g1 - h @ w_np, w_np, tol * 1e-2)
-        p = torch.as_tensor(y - w_np, dtype=lik.dtype, device=lik.device)
+        act = np.flatnonzero((w_np > 0) | (g1 < 0))
+        step = max(1, int(np.ceil(n * act.size**2 / hessian_budget)))
+        act_t = torch.as_tensor(act, device=lik.device)
+        sub = lik.index_select(0, act_t)[:, ::step] * inv_u[::step]
+        h = ((sub @ sub.T) / sub.shape[1]).cpu().numpy()
+        del sub
+        h[np.diag_indices(act.size)] += 1e-10 * max(float(np.trace(h)) / act.size, 1e-300)
+        y = np.zeros(k)
+        y[act] = _box_qp(h, g1[act] - h @ w_np[act], w_np[act], tol * 1e-2)
         slope = float(g1 @ (y - w_np))
         if not slope < 0:
             break
+        p = torch.as_tensor(y - w_np, dtype=lik.dtype, device=lik.device)
+        lik_p = p @ lik
         t = 1.0
         improved = False
-        lik_p = lik @ p
         for _ in range(50):
-            w_new = w + t * p
             u_new = u + t * lik_p
             if bool((u_new > 0).all()):
-                obj_new = -torch.log(u_new).mean().item() + w_new.sum().item()
+                obj_new = -torch.log(u_new).mean().item() + (w + t * p).sum().item()
                 if obj_new <= obj + 0.01 * t * slope:
                     improved = True
                     break
             t *= 0.5
         if not improved:
             break
-        w_new = w_new.clamp(min=0.0)
-        total = w_new.sum()
-        w = w_new / total
-        u = lik @ w
+        # (1 - t) w + t y >= 0 stays feasible; renormalising to the simplex only lowers F
+        w = w + t * p
+        total = w.sum()
+        w = w / total
+        u = u_new / total
         obj = -torch.log(u).mean().item() + 1.0
-    return w / w.sum()
+    return w

@@ -1,9 +1,9 @@
 """Mixture families on a fixed grid of scales: the weights are fitted by mix-SQP.
 
-A family supplies the grid rule, the (n, K) matrix of component log marginals, and the
-posterior pieces of each component; this base class does the rest: grid choice (a fresh
-grid, the union with a warm start's grid, or ``g_init``'s), maximum-likelihood weights,
-posterior summaries computed in row chunks so that memory stays O(n K) at most once.
+A family supplies the grid rule, the (K, n) matrix of component log marginals, and the
+posterior of each component; this base class does the rest: grid choice (a fresh grid,
+the union with a warm start's grid, or ``g_init``'s), maximum-likelihood weights, and
+posterior summaries from the same likelihood matrix, computed in column chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from ._grids import merge_grids
 from ._mixsqp import mixsqp
-from ._posterior import Pieces, summarize_chunked
+from ._posterior import chunked, combine
 from .base import EBNMResult, Prior
 
 
@@ -27,6 +27,8 @@ class MixturePrior(Prior):
     def __init__(self, mode: float = 0.0, *, scale=None, tol: float = 1e-8) -> None:
         super().__init__(mode)
         self.scale = None if scale is None else self._check_scale(scale, "scale")
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol}.")
         self.tol = float(tol)
 
     @staticmethod
@@ -42,52 +44,62 @@ class MixturePrior(Prior):
 
     @abstractmethod
     def _component_loglik(self, x, s, scale: torch.Tensor) -> torch.Tensor:
-        """(n, K) log marginal likelihood of each component."""
+        """(K, n) log marginal likelihood of each component (``scale`` is (K, 1))."""
 
     @abstractmethod
-    def _component_pieces(self, x, s, scale: torch.Tensor, c: float) -> tuple:
-        """``(mean, var, p_le, p_ge)`` of each component's posterior, each (n, K)."""
+    def _component_posterior(self, x, s, scale: torch.Tensor, c: float) -> tuple:
+        """``(mean, var, p_le, p_ge)`` of each component's posterior, (K, n) or
+        broadcastable; sign probabilities about theta <= c / theta >= c (c = -mode)."""
 
-    def _fit(self, x, s, *, state, g_init, fix_g) -> EBNMResult:
-        xs = x - self.mode if self.mode != 0.0 else x
-        pi_init = None
+    def _grid_and_start(self, xs, s, state, g_init):
         if g_init is not None:
             scales = self._check_scale(g_init["scale"], "g_init['scale']")
-            pi_init = np.asarray(g_init["pi"], dtype=np.float64).ravel()
-            if pi_init.shape != scales.shape or pi_init.min() < 0 or not pi_init.sum() > 0:
+            order = np.argsort(np.asarray(g_init["scale"], dtype=np.float64).ravel())
+            pi = np.asarray(g_init["pi"], dtype=np.float64).ravel()
+            if pi.shape != scales.shape or pi.min() < 0 or not pi.sum() > 0:
                 raise ValueError(
                     "g_init['pi'] must be non-negative weights, one per g_init['scale']."
                 )
-            pi_init = pi_init / pi_init.sum()
-        elif self.scale is not None:
-            scales = self.scale
-        elif state is not None and "scale" in state:
-            scales, pi_init = merge_grids(
+            return scales, pi[order] / pi.sum()
+        if self.scale is not None:
+            return self.scale, None
+        if state is not None and "scale" in state:
+            return merge_grids(
                 self._fresh_grid(xs, s), np.asarray(state["scale"]), np.asarray(state["pi"])
             )
-        else:
-            scales = self._fresh_grid(xs, s)
+        return self._fresh_grid(xs, s), None
+
+    def _fit(self, x, s, *, state, g_init, fix_g) -> EBNMResult:
+        xs = x - self.mode if self.mode != 0.0 else x
+        scales, pi_start = self._grid_and_start(xs, s, state, g_init)
         dev, dt = x.device, x.dtype
-        scale_t = torch.as_tensor(scales, dtype=dt, device=dev)
+        scale_t = torch.as_tensor(scales, dtype=dt, device=dev)[:, None]
+        # A = exp(log L - column max), kept in float64 for the solver and the posterior
+        log_lik = self._component_loglik(xs, s, scale_t)
+        col_max = log_lik.max(dim=0).values
+        lik = log_lik.sub_(col_max).exp_().to(torch.float64)
+        del log_lik
         if fix_g:
-            pi = torch.as_tensor(pi_init, dtype=torch.float64, device=dev)
+            pi = torch.as_tensor(pi_start, dtype=torch.float64, device=dev)
         else:
-            log_lik = self._component_loglik(xs, s, scale_t)
-            lik = torch.exp(log_lik - log_lik.max(dim=1, keepdim=True).values).double()
-            del log_lik
-            warm = None if pi_init is None else torch.as_tensor(pi_init, device=dev)
+            warm = None if pi_start is None else torch.as_tensor(pi_start, device=dev)
             pi = mixsqp(lik, warm, tol=self.tol)
-            del lik
-        log_pi = torch.log(pi).to(dt)
         c = -self.mode
         s_full = s.expand_as(x)
+        # components without weight have no responsibility: leave them out
+        used = torch.nonzero(pi > 0).ravel()
+        lik_used, pi_used, scale_used = lik[used], pi[used], scale_t[used]
+        del lik
 
-        def build(i: int, j: int) -> Pieces:
-            xi, si = xs[i:j], s_full[i:j]
-            lw = self._component_loglik(xi, si, scale_t) + log_pi
-            return Pieces(lw, *self._component_pieces(xi, si, scale_t, c))
+        def part(i: int, j: int):
+            w = pi_used[:, None] * lik_used[:, i:j]
+            u = w.sum(0)
+            resp = (w / u).to(dt)
+            log_marginal = torch.log(u) + col_max[i:j].to(torch.float64)
+            comp = self._component_posterior(xs[i:j], s_full[i:j], scale_used, c)
+            return combine(resp, *comp, log_marginal=log_marginal, shift=self.mode)
 
-        post = summarize_chunked(build, x.numel(), scale_t.numel(), shift=self.mode)
+        post = chunked(part, x.numel(), scale_used.numel())
         pi_np = pi.cpu().numpy()
         g: dict[str, Any] = {
             "family": self.name,

@@ -1,40 +1,19 @@
 """Posterior summaries of a mixture posterior, shared by every prior family.
 
 Every posterior in this package is a finite mixture of simple pieces (point masses,
-normals, one-sided truncated normals). A family describes its posterior as a stack of
-pieces, each with an unnormalised log weight (log prior weight + log marginal
-likelihood of that piece) and the piece's own mean, variance and sign probabilities.
-This module turns that stack into the posterior mean, second moment, sd, lfsr and the
-per-observation log marginal likelihood.
+normals, one-sided truncated normals). A family describes its posterior by the pieces'
+responsibilities (or unnormalised log weights = log prior weight + log marginal
+likelihood of the piece) and each piece's own mean, variance and sign probabilities.
+Arrays are laid out (K, n): one row per piece, so reductions over pieces are
+elementwise passes over contiguous rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
-
-
-@dataclass
-class Pieces:
-    """A stack of K posterior pieces for n observations; every field is (n, K).
-
-    ``log_weight`` is log(prior weight) + log(marginal likelihood) of the piece, so that
-    ``logsumexp(log_weight, 1)`` is the log marginal likelihood of each observation.
-    ``p_le`` / ``p_ge`` are P(theta <= 0) and P(theta >= 0) under the piece.
-    """
-
-    log_weight: torch.Tensor
-    mean: torch.Tensor
-    var: torch.Tensor
-    p_le: torch.Tensor
-    p_ge: torch.Tensor
-
-    @staticmethod
-    def stack(parts: list[tuple[torch.Tensor, ...]]) -> Pieces:
-        """Build from a list of ``(log_weight, mean, var, p_le, p_ge)`` tuples of (n,) tensors."""
-        cols = list(zip(*parts, strict=True))
-        return Pieces(*(torch.stack(torch.broadcast_tensors(*c), dim=1) for c in cols))
 
 
 @dataclass
@@ -48,41 +27,47 @@ class PosteriorSummary:
     log_marginal: torch.Tensor
 
 
-def summarize(pieces: Pieces, shift: float = 0.0) -> PosteriorSummary:
-    """Combine posterior pieces into per-observation summaries.
+def combine(
+    resp: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    p_le: torch.Tensor,
+    p_ge: torch.Tensor,
+    log_marginal: torch.Tensor,
+    shift: float = 0.0,
+) -> PosteriorSummary:
+    """Summaries of the mixture sum_k resp_k * piece_k; every input (K, n) or broadcastable.
 
-    The variance is the law of total variance, sum_k r_k (v_k + (m_k - m)^2), which is
-    non-negative by construction; ``mean2 = mean^2 + var``. ``shift`` is added to the
-    means (the prior's mode; the pieces' sign probabilities must already refer to the
-    unshifted zero). ``lfsr = min(P(theta <= 0), P(theta >= 0))``.
+    The variance is the law of total variance sum_k r_k (v_k + (m_k - m)^2), non-negative
+    by construction, and ``mean2 = mean^2 + var``; ``lfsr = min(P(theta <= 0),
+    P(theta >= 0))``. ``shift`` (the prior's mode) is added to the means; the pieces' sign
+    probabilities must already refer to theta = 0.
     """
-    log_marginal = torch.logsumexp(pieces.log_weight, dim=1)
-    resp = torch.exp(pieces.log_weight - log_marginal[:, None])
-    mean = (resp * pieces.mean).sum(1)
-    dev = pieces.mean - mean[:, None]
-    var = (resp * (pieces.var + dev * dev)).sum(1).clamp(min=0.0)
-    p_le = (resp * pieces.p_le).sum(1)
-    p_ge = (resp * pieces.p_ge).sum(1)
-    lfsr = torch.minimum(p_le, p_ge).clamp(0.0, 1.0)
-    mean = mean + shift
-    return PosteriorSummary(
-        mean=mean,
-        mean2=mean * mean + var,
-        sd=torch.sqrt(var),
-        lfsr=lfsr,
-        log_marginal=log_marginal,
-    )
+    m = (resp * mean).sum(0)
+    dev = mean - m
+    v = (resp * (var + dev * dev)).sum(0).clamp(min=0.0)
+    lfsr = torch.minimum((resp * p_le).sum(0), (resp * p_ge).sum(0)).clamp(0.0, 1.0)
+    m = m + shift
+    return PosteriorSummary(m, m * m + v, torch.sqrt(v), lfsr, log_marginal)
 
 
-def summarize_chunked(build, n: int, k: int, shift: float = 0.0, budget: int = 1 << 24):
-    """``summarize`` over row chunks so that no (n, K) temporary exceeds ``budget`` entries.
+def summarize(parts: list[tuple[torch.Tensor, ...]], shift: float = 0.0) -> PosteriorSummary:
+    """Summaries from a short list of pieces ``(log_weight, mean, var, p_le, p_ge)``, each
+    an (n,) tensor (or broadcastable), with ``log_weight`` unnormalised."""
+    cols = [torch.stack(torch.broadcast_tensors(*c)) for c in zip(*parts, strict=True)]
+    log_w = cols[0]
+    log_marginal = torch.logsumexp(log_w, dim=0)
+    resp = torch.exp(log_w - log_marginal)
+    return combine(resp, *cols[1:], log_marginal=log_marginal, shift=shift)
 
-    ``build(start, stop)`` returns the :class:`Pieces` of rows ``start:stop``.
-    """
+
+def chunked(fn: Callable[[int, int], PosteriorSummary], n: int, k: int, budget: int = 1 << 23):
+    """Run ``fn(start, stop)`` over column chunks so that (K, chunk) temporaries stay below
+    ``budget`` entries, and concatenate the summaries."""
     step = max(1, budget // max(k, 1))
     if step >= n:
-        return summarize(build(0, n), shift)
-    parts = [summarize(build(i, min(i + step, n)), shift) for i in range(0, n, step)]
+        return fn(0, n)
+    parts = [fn(i, min(i + step, n)) for i in range(0, n, step)]
     return PosteriorSummary(
-        *(torch.cat([getattr(p, f) for p in parts]) for f in PosteriorSummary.__dataclass_fields__)
+        *(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PosteriorSummary))
     )

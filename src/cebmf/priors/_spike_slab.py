@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._math import log_normal_pdf, point_sign_probs
-from ._posterior import Pieces, summarize
+from ._posterior import summarize
 from .base import EBNMResult, Prior
 
 _A_BOUND = 25.0  # |logit(1 - pi0)| bound of the interior search; boundaries checked apart
@@ -133,12 +133,14 @@ class SpikeSlabPrior(Prior):
 
     def _objective(self, data: _Data, a: float, eta: float, derivs: bool):
         """f(a, eta), and with ``derivs`` its gradient and Hessian over the free params."""
+        f64 = torch.float64
+        if self.has_spike and a == -math.inf and not derivs:  # the null: no slab
+            return data.l0.sum(dtype=f64).item(), None, None
         eta_t = torch.tensor(eta, dtype=data.x.dtype, device=data.x.device)
         if derivs:
             l1, d1, d2 = self._slab_derivs(data.x, data.s, eta_t)
         else:
             l1 = self._slab_loglik(data.x, data.s, eta_t)
-        f64 = torch.float64
         if not self.has_spike:
             if not derivs:
                 return l1.sum(dtype=f64).item(), None, None
@@ -179,18 +181,16 @@ class SpikeSlabPrior(Prior):
         a, eta = self._theta_tuple(v)
         return self._objective(data, a, eta, False)[0]
 
-    def _starting_points(self, data: _Data, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
-        """Moment-matched start plus the best point of a coarse grid on a subsample."""
+    def _cold_start(self, data: _Data, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Best of a moment-matched start and a coarse grid, judged on a subsample."""
         x, s = data.x, data.s
         m2 = torch.stack([(x * x).mean(dtype=torch.float64), (s * s).mean(dtype=torch.float64)])
         ex2, es2 = m2.tolist()
         excess = max(ex2 - es2, 0.0)
-        slab_m2 = 2.0 * excess if excess > 0 else es2  # pi0 = 1/2 start
+        slab_m2 = 2.0 * excess if excess > 0 else es2  # moments at pi0 = 1/2
         eta0 = float(np.clip(0.5 * math.log(slab_m2 / self.slab_m2), lo[-1], hi[-1]))
-        moment = self._theta_vec((0.0, eta0))
-
-        step = max(1, data.n // _SUBSAMPLE)
         sub = data
+        step = -(-data.n // _SUBSAMPLE)
         if step > 1:
             idx = slice(0, None, step)
             sub = _Data(
@@ -199,27 +199,29 @@ class SpikeSlabPrior(Prior):
                 data.l0[idx] if data.l0 is not None else None,
                 x[idx].numel(),
             )
-        eta_lo = max(lo[-1], math.log(max(math.sqrt(es2), 1e-300)) - math.log(100.0))
-        etas = np.linspace(eta_lo, hi[-1] - math.log(10.0), 12)
+        eta_lo = max(lo[-1], 0.5 * math.log(max(es2, 1e-300)) - math.log(100.0))
+        etas = [eta0, *np.linspace(eta_lo, hi[-1] - math.log(10.0), 12).tolist()]
         a_grid = [-3.0, 0.0, 3.0] if self.has_spike else [0.0]
-        best, best_f = moment, -math.inf
+        best, best_f = self._theta_vec((0.0, eta0)), -math.inf
         for a in a_grid:
             for eta in etas:
-                v = self._theta_vec((a, float(eta)))
+                v = self._theta_vec((a, eta))
                 fv = self._f(sub, v)
                 if fv > best_f:
                     best, best_f = v, fv
-        return [moment, best]
+        return best
 
     def _optimise(self, data: _Data, warm: list[tuple[float, float]]) -> tuple[float, float]:
         eta_lo, eta_hi = self._eta_bounds(data.x, data.s)
         lo = self._theta_vec((-_A_BOUND, eta_lo))
         hi = self._theta_vec((_A_BOUND, eta_hi))
-        cands = [np.clip(self._theta_vec(t), lo, hi) for t in warm]
-        cands += self._starting_points(data, lo, hi)
-        vals = [self._f(data, v) for v in cands]
-        i = int(np.argmax(vals))
-        v, f = self._newton(data, cands[i], vals[i], lo, hi)
+        if warm:
+            cands = [np.clip(self._theta_vec(t), lo, hi) for t in warm]
+            vals = [self._f(data, v) for v in cands]
+            i = int(np.argmax(vals))
+            v, f = self._newton(data, cands[i], lo, hi)
+        else:
+            v, f = self._newton(data, self._cold_start(data, lo, hi), lo, hi)
         theta = self._theta_tuple(v)
         # boundaries of the spike weight: pi0 = 1 (null) and pi0 = 0 (pure slab)
         if self.has_spike:
@@ -235,12 +237,12 @@ class SpikeSlabPrior(Prior):
         return theta
 
     def _newton(
-        self, data: _Data, v: np.ndarray, f: float, lo: np.ndarray, hi: np.ndarray
+        self, data: _Data, v: np.ndarray, lo: np.ndarray, hi: np.ndarray
     ) -> tuple[np.ndarray, float]:
         """Maximise f over the box [lo, hi] by projected, damped Newton steps."""
-        tol = 1e-11 * max(data.n, 1) + 1e-12 * abs(f)
         max_step = np.array([10.0, 3.0]) if self.has_spike else np.array([3.0])
         f, grad, hess = self._objective(data, *self._theta_tuple(v), True)
+        tol = 1e-11 * max(data.n, 1) + 1e-12 * abs(f)
         for _ in range(self.max_iter):
             free = ~(((v <= lo) & (grad < 0)) | ((v >= hi) & (grad > 0)))
             if not free.any():
@@ -295,7 +297,7 @@ class SpikeSlabPrior(Prior):
             zero = torch.zeros_like(data.x)
             p_le, p_ge = point_sign_probs(zero, 0.0, c)
             parts.insert(0, (data.l0 + _log_sigmoid(-a), zero, zero, p_le, p_ge))
-        post = summarize(Pieces.stack(parts), shift=self.mode)
+        post = summarize(parts, shift=self.mode)
         loglik = post.log_marginal.sum(dtype=torch.float64).item()
         g: dict[str, Any] = {"family": self.name, "mode": self.mode}
         if self.has_spike:

@@ -13,7 +13,12 @@ from typing import Any
 
 import torch
 
-from .._math import log_normal_pdf, truncnorm_moments, truncnorm_sign_probs
+from .._math import (
+    log_normal_pdf,
+    std_truncnorm_moments,
+    truncnorm_moments,
+    truncnorm_sign_probs,
+)
 from ._spike_slab import SpikeSlabPrior
 from .base import register_prior
 
@@ -56,6 +61,35 @@ class GeneralizedBinary(SpikeSlabPrior):
             + torch.special.log_ndtr(post_mean / post_sd)
             - self._log_norm
         )
+
+    def _slab_derivs(self, x, s, eta):
+        # d/deta (mu = e^eta, sigma = r mu, V = sigma^2 + s^2, e = x - mu) of
+        # A = -log(2 pi V)/2, B = -e^2/(2V), C = log Phi(z), z = (x r^2 mu + s^2)/(r s sqrt V);
+        # with h = phi(z)/Phi(z) = delta - z and h' = var - 1 from the standard normal
+        # truncated to [-z, inf) (no cancellation for z << 0).
+        mu = torch.exp(eta)
+        sigma2 = (self.ratio * mu) ** 2
+        t = s * s
+        big_v = sigma2 + t
+        e = x - mu
+        q = sigma2 / big_v
+        z = (x * self.ratio**2 * mu + t) / (self.ratio * s * torch.sqrt(big_v))
+        p = x * self.ratio * mu / (s * torch.sqrt(big_v))
+        z1 = p - z * q
+        z2 = p * t / big_v - z1 * q - z * 2.0 * q * t / big_v
+        delta, var = std_truncnorm_moments(-z)
+        h = delta - z
+        a1 = -q
+        a2 = -2.0 * q * t / big_v
+        b1 = e * mu / big_v + e * e * q / big_v
+        b2 = (
+            mu * (e - mu) / big_v
+            - 2.0 * e * mu * q / big_v
+            + 2.0 * e * q * (e - mu) / big_v
+            - 4.0 * e * e * q * q / big_v
+        )
+        l1 = log_normal_pdf(e, big_v) + torch.special.log_ndtr(z) - self._log_norm
+        return l1, a1 + b1 + h * z1, a2 + b2 + (var - 1.0) * z1 * z1 + h * z2
 
     def _slab_pieces(self, x, s, eta, c):
         l1 = self._slab_loglik(x, s, eta)

@@ -51,21 +51,20 @@ class NonnegativeMixture(MixturePrior):
         return exponential_mixture_scales(x, s, mult=self.grid_mult)
 
     def _std(self, x, s, scale):
-        z = (x / s)[:, None]
         slab = scale > 0
         inv = torch.where(slab, 1.0 / torch.where(slab, scale, 1.0), 0.0)
-        u = z - s[:, None] * inv
-        return z, slab, inv, u
+        u = x / s - s * inv
+        return slab, inv, u
 
     def _component_loglik(self, x, s, scale):
-        z, slab, inv, u = self._std(x, s, scale)
+        slab, inv, u = self._std(x, s, scale)
+        z = x / s
         expo = torch.log(inv) - 0.5 * z * z + log_scaled_ndtr(u)
-        point = log_normal_pdf(x, s * s)[:, None]
-        return torch.where(slab, expo, point)
+        return torch.where(slab, expo, log_normal_pdf(x, s * s))
 
-    def _component_pieces(self, x, s, scale, c):
-        z, slab, inv, u = self._std(x, s, scale)
-        sk = s[:, None].expand_as(u)
+    def _component_posterior(self, x, s, scale, c):
+        slab, _, u = self._std(x, s, scale)
+        sk = s.expand_as(u)
         delta, var = std_truncnorm_moments(-u)
         p_le, p_ge = truncnorm_sign_probs(sk * u, sk, 0.0, c)
         zero = torch.zeros_like(u)

@@ -56,7 +56,7 @@ class PointLaplace(SpikeSlabPrior):
         return l1, d1, d2
 
     def _slab_pieces(self, x, s, eta, c):
-        lam_s, u_pos, u_neg, lp, ln = self._halves(x, s, eta)
+        _lam_s, u_pos, u_neg, lp, ln = self._halves(x, s, eta)
         s = s.expand_as(x)
         dp, vp = std_truncnorm_moments(-u_pos)
         dn, vn = std_truncnorm_moments(-u_neg)

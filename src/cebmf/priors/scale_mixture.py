@@ -50,11 +50,11 @@ class NormalScaleMixture(MixturePrior):
         )
 
     def _component_loglik(self, x, s, scale):
-        return log_normal_pdf(x[:, None], (s * s)[:, None] + scale * scale)
+        return log_normal_pdf(x, s * s + scale * scale)
 
-    def _component_pieces(self, x, s, scale, c):
-        s2 = (s * s)[:, None]
+    def _component_posterior(self, x, s, scale, c):
+        s2 = s * s
         q = scale * scale / (s2 + scale * scale)
-        mean = q * x[:, None]
+        mean = q * x
         var = q * s2
         return (mean, var, *normal_sign_probs(mean, var.sqrt(), c))

@@ -1,0 +1,252 @@
+"""EBNM solvers: extreme inputs, dtypes, devices, warm starts and the contract.
+
+Reference values here come from independent computations (mpmath differentiation and
+quadrature), never from the code under test.
+"""
+
+import math
+
+import mpmath as mp
+import numpy as np
+import pytest
+import torch
+
+import cebmf
+from cebmf.priors import available_priors, get_prior
+
+FAMILIES = available_priors()
+SPIKE_SLAB = ["normal", "point_normal", "point_laplace", "point_exponential", "generalized_binary"]
+NONNEG = {"point_exponential", "nonnegative_mixture", "generalized_binary"}
+
+
+def _sim(n, seed=0, nonneg=False):
+    rng = np.random.default_rng(seed)
+    theta = np.where(rng.random(n) < 0.7, 0.0, rng.normal(0, 3, n))
+    if nonneg:
+        theta = np.abs(theta)
+    return theta, theta + rng.normal(size=n)
+
+
+def _all_finite(res):
+    return all(
+        np.all(np.isfinite(np.asarray(getattr(res, f)))) for f in ("mean", "mean2", "sd", "lfsr")
+    ) and math.isfinite(res.loglik)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_ratios_and_scales_stay_finite(family):
+    # |x|/s up to 1e3 with s from 1e-8 to 1e8, all in one vector
+    s = np.geomspace(1e-8, 1e8, 17)
+    z = np.array([-1e3, -50.0, -1.0, 0.0, 1.0, 50.0, 1e3])
+    x = (z[:, None] * s[None, :]).ravel()
+    ss = np.tile(s, z.size)
+    res = cebmf.ebnm(x, ss, family)
+    assert _all_finite(res)
+    assert np.all(res.mean2 >= res.mean**2 * (1 - 1e-12))
+    assert np.all((res.lfsr >= 0) & (res.lfsr <= 1))
+    assert np.all(res.sd >= 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("x", [np.zeros(50), np.zeros(1), np.array([3.0]), np.array([-1e3])])
+def test_degenerate_inputs(family, x):
+    res = cebmf.ebnm(x, 1.0, family)
+    assert _all_finite(res)
+    if family != "flat" and np.all(x == 0):
+        # all-zero data: every shrinkage family puts its mass at (or next to) zero
+        assert np.all(np.abs(res.mean) < 1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_zero_data_choose_the_null(family):
+    res = cebmf.ebnm(np.zeros(200), 1.0, family)
+    if "pi0" in res.g and family != "flat":
+        assert res.g["pi0"] > 0.99
+    # the exact marginal of all-zero data under the null is n log N(0; 0, 1)
+    null = 200 * (-0.5 * math.log(2 * math.pi))
+    if family in ("normal", "flat"):
+        return
+    assert res.loglik >= null - 1e-6
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "flat"])
+def test_float32_matches_float64(family):
+    _, x = _sim(3000, seed=3, nonneg=family in NONNEG)
+    s = np.random.default_rng(4).uniform(0.5, 2.0, x.size)
+    r64 = cebmf.ebnm(x, s, family)
+    r32 = cebmf.ebnm(x.astype(np.float32), s.astype(np.float32), family)
+    assert r32.mean.dtype == np.float32
+    scale = np.abs(r64.mean).max()
+    np.testing.assert_allclose(r32.mean, r64.mean, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(r32.sd, r64.sd, rtol=1e-4, atol=1e-4 * r64.sd.max())
+    assert abs(r32.loglik - r64.loglik) <= 1e-4 * abs(r64.loglik)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_return_type_follows_input(family):
+    _, x = _sim(100, nonneg=family in NONNEG)
+    r_np = cebmf.ebnm(x, 1.0, family)
+    assert isinstance(r_np.mean, np.ndarray) and r_np.mean.dtype == np.float64
+    xt = torch.tensor(x, dtype=torch.float32)
+    r_t = cebmf.ebnm(xt, torch.tensor(1.0), family)
+    assert isinstance(r_t.mean, torch.Tensor) and r_t.mean.dtype == torch.float32
+    assert r_t.mean.shape == (100,)
+    np.testing.assert_allclose(r_t.mean.numpy(), r_np.mean, rtol=1e-4, atol=1e-4)
+    # lists and integer arrays are accepted as float64
+    r_int = cebmf.ebnm(np.round(x).astype(np.int64).tolist(), 1, family)
+    assert r_int.mean.dtype == np.float64
+
+
+def test_inputs_are_not_modified():
+    _, x = _sim(500)
+    s = np.full(500, 1.0)
+    x0, s0 = x.copy(), s.copy()
+    for fam in FAMILIES:
+        cebmf.ebnm(x, s, fam, mode=0.0)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(s, s0)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "flat"])
+def test_warm_start_never_lowers_loglik(family):
+    # a fit warm-started from another data set's state is at least as good as the
+    # earlier prior evaluated on the new data (the engine's ELBO relies on this)
+    prior = get_prior(family)
+    _, x1 = _sim(2000, seed=10, nonneg=family in NONNEG)
+    _, x2 = _sim(2000, seed=11, nonneg=family in NONNEG)
+    x2 = 1.3 * x2
+    s = torch.ones(1, dtype=torch.float64)
+    t1, t2 = torch.tensor(x1), torch.tensor(x2)
+    first = prior.fit(t1, s)
+    at_old = prior.fit(t2, s, g_init=first.g, fix_g=True).loglik
+    warm = prior.fit(t2, s, state=first.state)
+    assert warm.loglik >= at_old - 1e-9 * abs(at_old)
+    # and warm-starting from a converged state on the same data changes nothing material
+    again = prior.fit(t2, s, state=warm.state)
+    assert again.loglik >= warm.loglik - 1e-9 * abs(warm.loglik)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "flat"])
+def test_fix_g_reproduces_the_fit(family):
+    _, x = _sim(1000, seed=5, nonneg=family in NONNEG)
+    res = cebmf.ebnm(x, 1.0, family)
+    again = cebmf.ebnm(x, 1.0, family, g_init=res.g, fix_g=True)
+    np.testing.assert_allclose(again.mean, res.mean, rtol=1e-12, atol=1e-12)
+    assert again.loglik == pytest.approx(res.loglik, rel=1e-12)
+    assert again.g["family"] == family
+
+
+@pytest.mark.parametrize("family", ["point_normal", "point_laplace", "normal_scale_mixture"])
+def test_mode_shifts_the_problem(family):
+    _, x = _sim(1500, seed=6)
+    res0 = cebmf.ebnm(x, 1.0, family)
+    res5 = cebmf.ebnm(x + 5.0, 1.0, family, mode=5.0)
+    np.testing.assert_allclose(res5.mean, res0.mean + 5.0, rtol=1e-6, atol=1e-6)
+    assert res5.loglik == pytest.approx(res0.loglik, rel=1e-9)
+    assert res5.g["mode"] == 5.0
+    # posterior mass now sits near 5, so almost no sign uncertainty for most observations
+    assert np.median(res5.lfsr) < np.median(res0.lfsr)
+
+
+@pytest.mark.parametrize("family", SPIKE_SLAB)
+def test_slab_derivatives_match_high_precision_differentiation(family):
+    prior = get_prior(family)
+    xs = [-56.0, -3.0, -0.2, 0.0, 0.7, 4.0, 60.0]
+    ss = [0.07, 1.0, 2.5]
+    x = torch.tensor([a for a in xs for _ in ss], dtype=torch.float64)
+    s = torch.tensor([b for _ in xs for b in ss], dtype=torch.float64)
+    mp.mp.dps = 40
+    for eta in (-1.5, 0.0, 1.2):
+        l1, d1, d2 = prior._slab_derivs(x, s, torch.tensor(eta, dtype=torch.float64))
+        for i in range(x.numel()):
+            f = _mp_slab(family, float(x[i]), float(s[i]), prior)
+            ref0 = f(eta)
+            ref1 = mp.diff(f, eta)
+            ref2 = mp.diff(f, eta, 2)
+            assert float(l1[i]) == pytest.approx(float(ref0), rel=1e-10, abs=1e-10)
+            assert float(d1[i]) == pytest.approx(float(ref1), rel=1e-7, abs=1e-8)
+            assert float(d2[i]) == pytest.approx(float(ref2), rel=1e-6, abs=1e-7)
+
+
+def _mp_slab(family, x, s, prior):
+    """log int N(x; theta, s^2) slab(theta; eta) dtheta in mpmath, closed forms."""
+    x, s = mp.mpf(x), mp.mpf(s)
+
+    def npdf(v, var):
+        return mp.exp(-v * v / (2 * var)) / mp.sqrt(2 * mp.pi * var)
+
+    def f(eta):
+        eta = mp.mpf(eta)
+        if family in ("normal", "point_normal"):
+            return mp.log(npdf(x, s * s + mp.e ** (2 * eta)))
+        lam = mp.e ** (-eta)
+        if family == "point_exponential":
+            return mp.log(lam * mp.e ** (-lam * x + lam**2 * s**2 / 2) * mp.ncdf(x / s - lam * s))
+        if family == "point_laplace":
+            pos = mp.e ** (-lam * x + lam**2 * s**2 / 2) * mp.ncdf(x / s - lam * s)
+            neg = mp.e ** (lam * x + lam**2 * s**2 / 2) * mp.ncdf(-x / s - lam * s)
+            return mp.log(lam / 2 * (pos + neg))
+        r = mp.mpf(prior.ratio)
+        mu = mp.e**eta
+        sig2 = (r * mu) ** 2
+        tot = sig2 + s * s
+        m = (x * sig2 + mu * s * s) / tot
+        v = sig2 * s * s / tot
+        return mp.log(npdf(x - mu, tot) * mp.ncdf(m / mp.sqrt(v)) / mp.ncdf(1 / r))
+
+    return f
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("x", "s", "match"),
+    [
+        (np.array([1.0, np.nan]), 1.0, r"x contains 1 non-finite"),
+        (np.array([1.0, np.inf]), 1.0, r"x contains 1 non-finite"),
+        (np.array([1.0, 2.0]), np.array([1.0, np.nan]), r"s contains 1 non-finite"),
+        (np.array([1.0, 2.0]), np.array([1.0, 0.0]), r"s must be strictly positive"),
+        (np.array([1.0, 2.0]), -1.0, r"s must be strictly positive"),
+        (np.array([1.0, 2.0]), np.ones(3), r"s has length 3 but x has length 2"),
+        (np.ones((2, 2)), 1.0, r"x must be 1-dimensional"),
+        (np.array([]), 1.0, r"x is empty"),
+        (np.array(["a", "b"]), 1.0, r"x must be numeric"),
+    ],
+)
+def test_bad_inputs_name_the_argument(x, s, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cebmf.ebnm(x, s, "point_normal")
+
+
+def test_unknown_prior_lists_known_names():
+    with pytest.raises(ValueError, match=r"unknown prior 'pointnormal'.*point_normal.*ash"):
+        cebmf.ebnm(np.ones(3), 1.0, "pointnormal")
+
+
+def test_g_init_of_the_wrong_family():
+    res = cebmf.ebnm(np.arange(10.0), 1.0, "point_laplace")
+    with pytest.raises(
+        ValueError,
+        match=r"g_init is a 'point_laplace' prior but the prior family is 'point_normal'",
+    ):
+        cebmf.ebnm(np.arange(10.0), 1.0, "point_normal", g_init=res.g)
+    with pytest.raises(TypeError, match=r"g_init must be the `g` dict"):
+        cebmf.ebnm(np.arange(10.0), 1.0, "point_normal", g_init={"pi0": 0.5})
+    with pytest.raises(ValueError, match=r"fix_g=True needs g_init"):
+        cebmf.ebnm(np.arange(10.0), 1.0, "point_normal", fix_g=True)
+    with pytest.raises(ValueError, match=r"g_init\['pi0'\] must be in \[0, 1\]"):
+        cebmf.ebnm(
+            np.arange(10.0),
+            1.0,
+            "point_normal",
+            g_init={"family": "point_normal", "pi0": 1.5, "scale": 1.0},
+            fix_g=True,
+        )
+
+
+def test_covariates_are_refused_by_plain_priors():
+    prior = get_prior("point_normal")
+    x = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"prior 'point_normal' does not use covariates"):
+        prior.fit(x, torch.ones(1, dtype=torch.float64), covariates=torch.zeros(5, 2))
