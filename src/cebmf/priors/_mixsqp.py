@@ -102,8 +102,9 @@ def mixsqp(
         w_np = w.cpu().numpy()
         act = np.flatnonzero((w_np > 0) | (g1 < 0))
         step = max(1, int(np.ceil(n * act.size**2 / hessian_budget)))
-        act_t = torch.as_tensor(act, device=lik.device)
-        sub = lik.index_select(0, act_t)[:, ::step] * inv_u[::step]
+        # rows of lik are contiguous: gather the active ones from strided views (a loop
+        # over components, not observations)
+        sub = torch.stack([lik[j, ::step] for j in act.tolist()]) * inv_u[::step]
         h = ((sub @ sub.T) / sub.shape[1]).cpu().numpy()
         del sub
         h[np.diag_indices(act.size)] += 1e-10 * max(float(np.trace(h)) / act.size, 1e-300)
@@ -112,8 +113,11 @@ def mixsqp(
         slope = float(g1 @ (y - w_np))
         if not slope < 0:
             break
-        p = torch.as_tensor(y - w_np, dtype=lik.dtype, device=lik.device)
-        lik_p = p @ lik
+        p_np = y - w_np
+        p = torch.as_tensor(p_np, dtype=lik.dtype, device=lik.device)
+        lik_p = torch.zeros_like(u)
+        for j in np.flatnonzero(p_np).tolist():
+            lik_p.add_(lik[j], alpha=float(p_np[j]))
         t = 1.0
         improved = False
         for _ in range(50):
@@ -132,4 +136,6 @@ def mixsqp(
         w = w / total
         u = u_new / total
         obj = -torch.log(u).mean().item() + 1.0
-    return w
+    # weights below 1e-14 of the largest change the log-likelihood by < n * 1e-14
+    w = torch.where(w < 1e-14 * w.max(), 0.0, w)
+    return w / w.sum()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._math import exp_flushed
 from ._grids import merge_grids
 from ._mixsqp import mixsqp
 from ._posterior import chunked, combine
@@ -74,29 +75,29 @@ class MixturePrior(Prior):
         scales, pi_start = self._grid_and_start(xs, s, state, g_init)
         dev, dt = x.device, x.dtype
         scale_t = torch.as_tensor(scales, dtype=dt, device=dev)[:, None]
-        # A = exp(log L - column max), kept in float64 for the solver and the posterior
-        log_lik = self._component_loglik(xs, s, scale_t)
-        col_max = log_lik.max(dim=0).values
-        lik = log_lik.sub_(col_max).exp_().to(torch.float64)
-        del log_lik
         if fix_g:
             pi = torch.as_tensor(pi_start, dtype=torch.float64, device=dev)
         else:
+            # A = exp(log L - column max) in float64 for the solver
+            log_lik = self._component_loglik(xs, s, scale_t).to(torch.float64)
+            lik = exp_flushed(log_lik.sub_(log_lik.max(dim=0).values))
+            del log_lik
             warm = None if pi_start is None else torch.as_tensor(pi_start, device=dev)
             pi = mixsqp(lik, warm, tol=self.tol)
+            del lik
         c = -self.mode
         s_full = s.expand_as(x)
-        # components without weight have no responsibility: leave them out
+        # components without weight have no responsibility: leave them out, and normalise
+        # over the kept ones only (a dropped component may dominate the likelihood)
         used = torch.nonzero(pi > 0).ravel()
-        lik_used, pi_used, scale_used = lik[used], pi[used], scale_t[used]
-        del lik
+        log_pi_used, scale_used = torch.log(pi[used]).to(dt), scale_t[used]
 
         def part(i: int, j: int):
-            w = pi_used[:, None] * lik_used[:, i:j]
-            u = w.sum(0)
-            resp = (w / u).to(dt)
-            log_marginal = torch.log(u) + col_max[i:j].to(torch.float64)
-            comp = self._component_posterior(xs[i:j], s_full[i:j], scale_used, c)
+            xi, si = xs[i:j], s_full[i:j]
+            log_w = self._component_loglik(xi, si, scale_used) + log_pi_used[:, None]
+            log_marginal = torch.logsumexp(log_w, dim=0)
+            resp = exp_flushed(log_w - log_marginal)
+            comp = self._component_posterior(xi, si, scale_used, c)
             return combine(resp, *comp, log_marginal=log_marginal, shift=self.mode)
 
         post = chunked(part, x.numel(), scale_used.numel())

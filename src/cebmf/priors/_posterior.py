@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .._math import exp_flushed
+
 
 @dataclass
 class PosteriorSummary:
@@ -57,7 +59,7 @@ def summarize(parts: list[tuple[torch.Tensor, ...]], shift: float = 0.0) -> Post
     cols = [torch.stack(torch.broadcast_tensors(*c)) for c in zip(*parts, strict=True)]
     log_w = cols[0]
     log_marginal = torch.logsumexp(log_w, dim=0)
-    resp = torch.exp(log_w - log_marginal)
+    resp = exp_flushed(log_w - log_marginal)
     return combine(resp, *cols[1:], log_marginal=log_marginal, shift=shift)
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._math import log_normal_pdf, point_sign_probs
+from .._math import exp_flushed, log_normal_pdf, point_sign_probs
 from ._posterior import summarize
 from .base import EBNMResult, Prior
 
@@ -152,8 +152,8 @@ class SpikeSlabPrior(Prior):
         ll = torch.logaddexp(c0, c1)
         if not derivs:
             return ll.sum(dtype=f64).item(), None, None
-        r1 = torch.exp(c1 - ll)
-        r01 = r1 * torch.exp(c0 - ll)
+        r1 = exp_flushed(c1 - ll)
+        r01 = r1 * exp_flushed(c0 - ll)
         sums = torch.stack(
             [
                 ll.sum(dtype=f64),

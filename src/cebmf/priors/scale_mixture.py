@@ -6,7 +6,9 @@ q_k = sigma_k^2 / (sigma_k^2 + s^2).
 
 from __future__ import annotations
 
-from .._math import log_normal_pdf, normal_sign_probs
+import torch
+
+from .._math import LOG_2PI, log_normal_pdf, normal_sign_probs
 from ._grids import normal_mixture_scales
 from ._mixture import MixturePrior
 from .base import register_prior
@@ -50,7 +52,10 @@ class NormalScaleMixture(MixturePrior):
         )
 
     def _component_loglik(self, x, s, scale):
-        return log_normal_pdf(x, s * s + scale * scale)
+        var = s * s + scale * scale
+        if var.shape[1] == 1:  # one s for all: (K, 1) constants times x^2 in one pass
+            return torch.addcmul(-0.5 * (LOG_2PI + torch.log(var)), -0.5 / var, x * x)
+        return log_normal_pdf(x, var)
 
     def _component_posterior(self, x, s, scale, c):
         s2 = s * s
