@@ -2,8 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import priors
+from . import data, priors
 from ._ebnm import ebnm
+from .model import EBMFResult, fit_ebmf
 from .priors import EBNMResult, available_priors
 
 try:
@@ -11,4 +12,13 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["EBNMResult", "__version__", "available_priors", "ebnm", "priors"]
+__all__ = [
+    "EBMFResult",
+    "EBNMResult",
+    "__version__",
+    "available_priors",
+    "data",
+    "ebnm",
+    "fit_ebmf",
+    "priors",
+]

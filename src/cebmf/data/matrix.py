@@ -1,0 +1,172 @@
+"""Data operators: the matrix Y (N x P) as the engine sees it.
+
+The engine never touches Y's entries directly; it asks for products ``Y @ B`` and
+``Y.T @ A`` (and, for dense data with missing entries, the dense matrix and its mask) and
+for the sums of squares of each row and column, computed once. Sparse data stay sparse:
+a CSR with int32 indices plus a CSR of the transpose (torch's ``X.t() @ U`` on a CSR is
+far slower than a CSR of X^T on CPU). An implicit low-rank offset ``Y - U V^T`` (e.g.
+column centring) is applied inside the products and never materialised.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+_F64 = torch.float64
+
+
+def _torch_csr(mat: sp.csr_matrix, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A torch CSR tensor with int32 indices from a canonical scipy CSR matrix."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(mat.indptr.astype(np.int32, copy=False)),
+            torch.from_numpy(mat.indices.astype(np.int32, copy=False)),
+            torch.from_numpy(np.asarray(mat.data)).to(dtype),
+            size=mat.shape,
+            check_invariants=False,
+        ).to(device)
+
+
+class DataMatrix(ABC):
+    """The data matrix Y behind products, sums of squares and (optionally) a mask.
+
+    Attributes
+    ----------
+    shape
+        (N, P).
+    row_sq, col_sq
+        Sums of squares of the observed entries of each row / column (float64).
+    n_obs_row, n_obs_col
+        Number of observed entries per row / column (float64).
+    mask
+        None, or the (N, P) 0/1 matrix of observed entries (dense data only).
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    row_sq: torch.Tensor
+    col_sq: torch.Tensor
+    n_obs_row: torch.Tensor
+    n_obs_col: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return False
+
+    @abstractmethod
+    def matmul(self, b: torch.Tensor) -> torch.Tensor:
+        """``Y @ b`` for a (P, k) matrix (missing entries count as 0)."""
+
+    @abstractmethod
+    def rmatmul(self, a: torch.Tensor) -> torch.Tensor:
+        """``Y.T @ a`` for an (N, k) matrix (missing entries count as 0)."""
+
+    @property
+    def n_obs(self) -> float:
+        return float(self.n_obs_row.sum())
+
+
+class DenseData(DataMatrix):
+    """A dense matrix; NaN entries are missing (``mask``), stored as 0 in ``values``."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.shape = (int(y.shape[0]), int(y.shape[1]))
+        self.dtype, self.device = y.dtype, y.device
+        missing = torch.isnan(y)
+        if bool(missing.any()):
+            self.mask = (~missing).to(y.dtype)
+            self.values = torch.where(missing, torch.zeros((), dtype=y.dtype, device=y.device), y)
+        else:
+            self.mask = None
+            self.values = y
+        sq = self.values.to(_F64) ** 2
+        self.row_sq, self.col_sq = sq.sum(1), sq.sum(0)
+        del sq
+        if self.mask is None:
+            n, p = self.shape
+            self.n_obs_row = torch.full((n,), float(p), dtype=_F64, device=self.device)
+            self.n_obs_col = torch.full((p,), float(n), dtype=_F64, device=self.device)
+        else:
+            self.n_obs_row = self.mask.sum(1, dtype=_F64)
+            self.n_obs_col = self.mask.sum(0, dtype=_F64)
+
+    def matmul(self, b):
+        return self.values @ b
+
+    def rmatmul(self, a):
+        return self.values.T @ a
+
+
+class SparseData(DataMatrix):
+    """A sparse matrix (absent entries are zeros, never missing) as two int32 CSRs."""
+
+    def __init__(self, mat: sp.spmatrix, dtype: torch.dtype, device: torch.device) -> None:
+        csr = sp.csr_matrix(mat)
+        csr.sum_duplicates()
+        csr.sort_indices()
+        self.shape = (int(csr.shape[0]), int(csr.shape[1]))
+        self.dtype, self.device = dtype, device
+        self.csr = _torch_csr(csr, dtype, device)
+        self.csr_t = _torch_csr(csr.T.tocsr(), dtype, device)
+        self.nnz = int(csr.nnz)
+        sq = csr.multiply(csr) if csr.nnz else csr
+        self.row_sq = torch.as_tensor(
+            np.asarray(sq.sum(1), dtype=np.float64).ravel(), device=device
+        )
+        self.col_sq = torch.as_tensor(
+            np.asarray(sq.sum(0), dtype=np.float64).ravel(), device=device
+        )
+        n, p = self.shape
+        self.n_obs_row = torch.full((n,), float(p), dtype=_F64, device=device)
+        self.n_obs_col = torch.full((p,), float(n), dtype=_F64, device=device)
+
+    @property
+    def is_sparse(self) -> bool:
+        return True
+
+    def matmul(self, b):
+        return self.csr @ b
+
+    def rmatmul(self, a):
+        return self.csr_t @ a
+
+
+class OffsetData(DataMatrix):
+    """``Y - U V^T`` for a base matrix Y and an (N, r) / (P, r) pair, never materialised.
+
+    Column centring is ``U = 1``, ``V = column means``. Only for data without missing
+    entries.
+    """
+
+    def __init__(self, base: DataMatrix, u: torch.Tensor, v: torch.Tensor) -> None:
+        if base.mask is not None:
+            raise ValueError("an implicit offset needs data without missing entries.")
+        self.base = base
+        self.shape, self.dtype, self.device = base.shape, base.dtype, base.device
+        self.u = u.to(device=base.device, dtype=base.dtype)
+        self.v = v.to(device=base.device, dtype=base.dtype)
+        u64, v64 = self.u.to(_F64), self.v.to(_F64)
+        ytu = base.rmatmul(self.u).to(_F64)  # (P, r)
+        yv = base.matmul(self.v).to(_F64)  # (N, r)
+        # sum_j (Y - U V^T)_ij^2 = rowsq_i - 2 (Y V)_i . U_i + U_i (V^T V) U_i^T
+        self.row_sq = base.row_sq - 2 * (yv * u64).sum(1) + ((u64 @ (v64.T @ v64)) * u64).sum(1)
+        self.col_sq = base.col_sq - 2 * (ytu * v64).sum(1) + ((v64 @ (u64.T @ u64)) * v64).sum(1)
+        self.n_obs_row, self.n_obs_col = base.n_obs_row, base.n_obs_col
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.base.is_sparse
+
+    def matmul(self, b):
+        return self.base.matmul(b) - self.u @ (self.v.T @ b)
+
+    def rmatmul(self, a):
+        return self.base.rmatmul(a) - self.v @ (self.u.T @ a)

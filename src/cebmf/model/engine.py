@@ -1,0 +1,401 @@
+"""The EBMF state and its exact coordinate updates.
+
+Model: Y = L F^T + E, E_ij ~ N(0, 1/tau_ij), tau_ij = a_i b_j; mean-field
+q(L, F) = prod_k q(l_k) q(f_k) with first and second moments (L, L2), (F, F2).
+
+Rank-one update of loadings k (factors are symmetric): with c_k = b^T F2_k and
+M = F^T diag(b) F (first moments),
+
+    x_i = [ (Y diag(b) F)_ik - sum_{k' != k} L_ik' M_k'k ] / c_k,   s_i^2 = 1 / (a_i c_k),
+
+then EBNM(x, s) gives g_k and the posterior moments of l_k. With no missing data one
+product ``Y @ (b * F)`` serves every k of a sweep; the residual matrix is never formed.
+Dense data with missing entries (mask m) keep the masked residual R = m * (Y - L F^T)
+instead: x_i = [ (R (b f_k))_i + L_ik (m (b f_k^2))_i ] / (m (b F2_k))_i.
+
+ELBO = sum_ij m_ij [ -1/2 log 2 pi + 1/2 log tau_ij - 1/2 tau_ij E R_ij^2 ]
+       + sum_k (KL^l_k + KL^f_k),
+KL = log p(x | g, s) - E_q sum_i log N(x_i; theta_i, s_i^2), accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data.matrix import DataMatrix
+from ..priors.base import Prior
+from .noise import estimate_precision, uses_rows
+
+_F64 = torch.float64
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class Side:
+    """One side (loadings or factors) of every factor: moments, priors and fits."""
+
+    name: str  # "loadings" or "factors"
+    mean: torch.Tensor  # (n, K)
+    mean2: torch.Tensor  # (n, K)
+    lfsr: torch.Tensor  # (n, K)
+    priors: list[Prior] = field(default_factory=list)
+    states: list[Any] = field(default_factory=list)
+    g: list[dict] = field(default_factory=list)
+    kl: list[torch.Tensor] = field(default_factory=list)  # 0-dim float64 each
+    fixed: list[bool] = field(default_factory=list)
+    covariates: torch.Tensor | None = None
+    last_x: list[torch.Tensor | None] = field(default_factory=list)
+    last_s: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return self.mean.shape[1]
+
+    def append(self, mean, mean2, prior: Prior, fixed: bool) -> None:
+        self.mean = torch.cat([self.mean, mean[:, None]], 1)
+        self.mean2 = torch.cat([self.mean2, mean2[:, None]], 1)
+        self.lfsr = torch.cat([self.lfsr, torch.ones_like(mean)[:, None]], 1)
+        self.priors.append(prior)
+        self.states.append(None)
+        self.g.append({})
+        self.kl.append(torch.zeros((), dtype=_F64, device=mean.device))
+        self.fixed.append(fixed)
+        self.last_x.append(None)
+        self.last_s.append(None)
+
+    def keep(self, idx: list[int]) -> None:
+        sel = torch.as_tensor(idx, dtype=torch.long, device=self.mean.device)
+        self.mean = self.mean.index_select(1, sel)
+        self.mean2 = self.mean2.index_select(1, sel)
+        self.lfsr = self.lfsr.index_select(1, sel)
+        for name in ("priors", "states", "g", "kl", "fixed", "last_x", "last_s"):
+            lst = getattr(self, name)
+            setattr(self, name, [lst[i] for i in idx])
+
+    def snapshot(self) -> dict:
+        return {
+            "mean": self.mean.clone(),
+            "mean2": self.mean2.clone(),
+            "lfsr": self.lfsr.clone(),
+            **{
+                n: list(getattr(self, n))
+                for n in ("priors", "states", "g", "kl", "fixed", "last_x", "last_s")
+            },
+        }
+
+    def restore(self, snap: dict) -> None:
+        for name, value in snap.items():
+            setattr(self, name, value)
+
+
+def expected_loglik_normal(x, s, mean, mean2) -> torch.Tensor:
+    """sum_i E_q log N(x_i; theta_i, s_i^2) in float64 (s may be a 1-element tensor)."""
+    x, s, mean, mean2 = (t.to(_F64) for t in (x, s, mean, mean2))
+    sq = (mean2 - 2.0 * x * mean + x * x) / (s * s)
+    logs = torch.log(s)
+    n = x.numel()
+    total_logs = logs.sum() if s.numel() == n else n * logs.reshape(())
+    return -0.5 * (n * LOG_2PI + 2.0 * total_logs + sq.sum())
+
+
+class Engine:
+    """EBMF state (moments, priors, noise) with exact rank-one and noise updates."""
+
+    def __init__(self, data: DataMatrix, noise: str, keep_inputs: bool = False) -> None:
+        self.data = data
+        self.noise = noise
+        self.keep_inputs = keep_inputs
+        n, p = data.shape
+        dt, dev = data.dtype, data.device
+        self.loadings = Side("loadings", *(torch.zeros(n, 0, dtype=dt, device=dev),) * 3)
+        self.factors = Side("factors", *(torch.zeros(p, 0, dtype=dt, device=dev),) * 3)
+        self.a = torch.ones(n, dtype=_F64, device=dev)
+        self.b = torch.ones(p, dtype=_F64, device=dev)
+        self.masked = data.mask is not None
+        if self.masked:
+            self.resid = data.values.clone()  # m * (Y - L F^T); zeros where missing
+        # cached Y^T L (P x K) and Y F (N x K), column-wise validity
+        self._ytl: torch.Tensor | None = None
+        self._yf: torch.Tensor | None = None
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.loadings.k
+
+    def side(self, which: str) -> tuple[Side, Side]:
+        """``(this side, other side)``."""
+        return (
+            (self.loadings, self.factors) if which == "loadings" else (self.factors, self.loadings)
+        )
+
+    def _weights(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this side's precision factor, the other side's), in the data dtype."""
+        dt = self.data.dtype
+        return (
+            (self.a.to(dt), self.b.to(dt))
+            if which == "loadings"
+            else (self.b.to(dt), self.a.to(dt))
+        )
+
+    def add_factor(
+        self,
+        lm,
+        l2,
+        fm,
+        f2,
+        prior_l: Prior,
+        prior_f: Prior,
+        fixed_l: bool = False,
+        fixed_f: bool = False,
+    ) -> None:
+        dt = self.data.dtype
+        self.loadings.append(lm.to(dt), l2.to(dt), prior_l, fixed_l)
+        self.factors.append(fm.to(dt), f2.to(dt), prior_f, fixed_f)
+        if self.masked:
+            self.resid -= self._mask_outer(lm.to(dt), fm.to(dt))
+        self._ytl = self._yf = None
+
+    def remove_factors(self, drop: list[int]) -> None:
+        if not drop:
+            return
+        keep = [i for i in range(self.k) if i not in set(drop)]
+        if self.masked:
+            for i in drop:
+                self.resid += self._mask_outer(self.loadings.mean[:, i], self.factors.mean[:, i])
+        self.loadings.keep(keep)
+        self.factors.keep(keep)
+        self._ytl = self._yf = None
+
+    def snapshot(self) -> dict:
+        snap = {
+            "loadings": self.loadings.snapshot(),
+            "factors": self.factors.snapshot(),
+            "a": self.a.clone(),
+            "b": self.b.clone(),
+        }
+        if self.masked:
+            snap["resid"] = self.resid.clone()
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        self.loadings.restore(snap["loadings"])
+        self.factors.restore(snap["factors"])
+        self.a, self.b = snap["a"], snap["b"]
+        if self.masked:
+            self.resid = snap["resid"]
+        self._ytl = self._yf = None
+
+    def _mask_outer(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.outer(u, v) * self.data.mask
+
+    # ---- products ------------------------------------------------------------------
+    def _prod(self, which: str, mat: torch.Tensor) -> torch.Tensor:
+        """``Y @ mat`` (which = loadings) or ``Y.T @ mat`` (factors)."""
+        return self.data.matmul(mat) if which == "loadings" else self.data.rmatmul(mat)
+
+    def prepare(self, which: str, ks: list[int] | None = None) -> dict:
+        """Quantities shared by the updates of side ``which`` for factors ``ks``."""
+        ks = list(range(self.k)) if ks is None else ks
+        other = self.side(which)[1]
+        w_other = self._weights(which)[1]
+        cols = torch.as_tensor(ks, dtype=torch.long, device=other.mean.device)
+        o_cols = other.mean.index_select(1, cols)
+        pre: dict[str, Any] = {"ks": ks}
+        if self.masked:
+            return pre
+        yw = self._prod(which, o_cols * w_other[:, None])
+        pre["yprod"] = dict(zip(ks, yw.unbind(1), strict=True))
+        pre["m"] = other.mean.T @ (o_cols * w_other[:, None])  # (K, |ks|)
+        pre["c"] = (w_other[:, None] * other.mean2.index_select(1, cols)).sum(0, dtype=_F64)
+        # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
+        if bool((w_other == 1).all()):
+            cache = self._ensure_cache(which)
+            cache[:, cols] = yw
+            valid = self._valid(which)
+            for k in ks:
+                valid[k] = True
+        return pre
+
+    def _ensure_cache(self, which: str) -> torch.Tensor:
+        n = self.data.shape[1] if which == "factors" else self.data.shape[0]
+        attr = "_ytl" if which == "factors" else "_yf"
+        cache = getattr(self, attr)
+        if cache is None or cache.shape[1] != self.k:
+            cache = torch.zeros(n, self.k, dtype=self.data.dtype, device=self.data.device)
+            setattr(self, attr, cache)
+            setattr(self, attr + "_valid", [False] * self.k)
+        return cache
+
+    def _valid(self, which: str) -> list[bool]:
+        return getattr(self, ("_ytl" if which == "factors" else "_yf") + "_valid")
+
+    def _cached_product(self, which: str) -> torch.Tensor:
+        """``Y^T L`` (which = factors) or ``Y F`` (loadings), recomputing stale columns."""
+        cache = self._ensure_cache(which)
+        valid = self._valid(which)
+        stale = [k for k in range(self.k) if not valid[k]]
+        if stale:
+            _, other = self.side(which)
+            cols = torch.as_tensor(stale, dtype=torch.long, device=cache.device)
+            cache[:, cols] = self._prod(which, other.mean.index_select(1, cols))
+            for k in stale:
+                valid[k] = True
+        return cache
+
+    def _invalidate(self, which: str, k: int) -> None:
+        """Side ``which`` changed in column k: products with it are stale."""
+        other_cache = "_ytl" if which == "loadings" else "_yf"
+        if getattr(self, other_cache) is not None:
+            getattr(self, other_cache + "_valid")[k] = False
+
+    # ---- rank-one update -----------------------------------------------------------
+    def ebnm_inputs(self, which: str, k: int, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The EBNM problem ``(x, s)`` of side ``which``, factor k."""
+        this, other = self.side(which)
+        w_this, w_other = self._weights(which)
+        if self.masked:
+            mask = self.data.mask
+            resid = self.resid if which == "loadings" else self.resid.T
+            m = mask if which == "loadings" else mask.T
+            fk, f2k = other.mean[:, k], other.mean2[:, k]
+            prec = m @ (w_other * f2k)
+            num = resid @ (w_other * fk) + this.mean[:, k] * (m @ (w_other * fk * fk))
+            unseen = prec <= 0
+            safe = torch.where(unseen, torch.ones_like(prec), prec)
+            x = torch.where(unseen, torch.zeros_like(num), num / safe)
+            s = 1.0 / torch.sqrt(w_this * safe)
+            if bool(unseen.any()):
+                # no information on these entries: posterior = prior (huge s)
+                s = torch.where(
+                    unseen,
+                    s[~unseen].max() * 1e6 if bool((~unseen).any()) else torch.ones_like(s),
+                    s,
+                )
+            return x, s
+        j = pre["ks"].index(k)
+        m_col = pre["m"][:, j]
+        c = pre["c"][j].to(this.mean.dtype)
+        num = pre["yprod"][k] - this.mean @ m_col + this.mean[:, k] * m_col[k]
+        x = num / c
+        s = 1.0 / torch.sqrt(w_this * c)
+        if bool((w_this == w_this[0]).all()):
+            s = s[:1]
+        return x, s
+
+    def update(self, which: str, k: int, pre: dict) -> bool:
+        """Rank-one update of side ``which`` of factor k. Returns False when the other
+        side is exactly zero (the factor carries nothing and should be removed)."""
+        this, other = self.side(which)
+        if this.fixed[k]:
+            return True
+        if not bool((other.mean2[:, k] > 0).any()):
+            return False
+        x, s = self.ebnm_inputs(which, k, pre)
+        res = this.priors[k].fit(x, s, covariates=this.covariates, state=this.states[k])
+        old = this.mean[:, k].clone() if self.masked else None
+        this.mean[:, k] = res.mean
+        this.mean2[:, k] = res.mean2
+        this.lfsr[:, k] = res.lfsr
+        this.states[k] = res.state
+        this.g[k] = res.g
+        this.kl[k] = torch.as_tensor(
+            res.loglik, dtype=_F64, device=x.device
+        ) - expected_loglik_normal(x, s, res.mean, res.mean2)
+        if self.keep_inputs:
+            this.last_x[k], this.last_s[k] = x, s.expand_as(x)
+        if self.masked:
+            delta = this.mean[:, k] - old
+            outer = (
+                self._mask_outer(delta, other.mean[:, k])
+                if which == "loadings"
+                else self._mask_outer(other.mean[:, k], delta)
+            )
+            self.resid -= outer
+        self._invalidate(which, k)
+        return True
+
+    def is_zero(self, k: int) -> bool:
+        """True when either side of factor k is exactly zero (not for fixed sides)."""
+        return any(
+            not bool((side.mean2[:, k] > 0).any()) and not side.fixed[k]
+            for side in (self.loadings, self.factors)
+        )
+
+    # ---- noise and ELBO ------------------------------------------------------------
+    def expected_sq_resid(self) -> torch.Tensor:
+        """sum of E R_ij^2 over observed entries, per row (row noise) or per column."""
+        by_row = uses_rows(self.noise)
+        L, L2, F, F2 = (
+            t.to(_F64)
+            for t in (
+                self.loadings.mean,
+                self.loadings.mean2,
+                self.factors.mean,
+                self.factors.mean2,
+            )
+        )
+        if by_row:
+            L, L2, F, F2 = F, F2, L, L2  # sums over columns: swap the roles
+        if self.masked:
+            m = self.data.mask.to(_F64)
+            r = self.resid.to(_F64)
+            if by_row:
+                m, r = m.T, r.T
+            base = (r * r).sum(0)
+            return base + (F2 * (m.T @ L2)).sum(1) - (F * F * (m.T @ (L * L))).sum(1)
+        sq = self.data.row_sq if by_row else self.data.col_sq
+        prod = self._cached_product("loadings" if by_row else "factors").to(_F64)
+        return (
+            sq
+            - 2.0 * (F * prod).sum(1)
+            + ((F @ (L.T @ L)) * F).sum(1)
+            + F2 @ L2.sum(0)
+            - (F * F) @ (L * L).sum(0)
+        )
+
+    def update_noise(self) -> None:
+        by_row = uses_rows(self.noise)
+        n_obs = self.data.n_obs_row if by_row else self.data.n_obs_col
+        self.a, self.b = estimate_precision(
+            self.noise, self.expected_sq_resid(), n_obs, self.data.shape
+        )
+
+    def elbo(self) -> float:
+        """The ELBO (float64) at the current moments, noise and fitted priors."""
+        return float(self.elbo_tensor())
+
+    def elbo_tensor(self) -> torch.Tensor:
+        by_row = uses_rows(self.noise)
+        sq = self.expected_sq_resid()
+        weights = self.a if by_row else self.b
+        data_term = (
+            -0.5 * self.data.n_obs * LOG_2PI
+            + 0.5
+            * (
+                (self.data.n_obs_row * torch.log(self.a)).sum()
+                + (self.data.n_obs_col * torch.log(self.b)).sum()
+            )
+            - 0.5 * (weights * sq).sum()
+        )
+        kl = sum(
+            self.loadings.kl + self.factors.kl, torch.zeros((), dtype=_F64, device=data_term.device)
+        )
+        return data_term + kl
+
+    # ---- residual products for initialisation ---------------------------------------
+    def resid_matmul(self, v: torch.Tensor) -> torch.Tensor:
+        """(Y - L F^T) @ v (masked: m * (Y - L F^T)), v of shape (P, r)."""
+        if self.masked:
+            return self.resid @ v
+        return self.data.matmul(v) - self.loadings.mean @ (self.factors.mean.T @ v)
+
+    def resid_rmatmul(self, u: torch.Tensor) -> torch.Tensor:
+        """(Y - L F^T)^T @ u, u of shape (N, r)."""
+        if self.masked:
+            return self.resid.T @ u
+        return self.data.rmatmul(u) - self.factors.mean @ (self.loadings.mean.T @ u)

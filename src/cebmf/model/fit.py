@@ -1,0 +1,443 @@
+"""``fit_ebmf``: greedy addition, backfitting and nullcheck (the flashier algorithm)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.convert import as_data_matrix, resolve_device, resolve_dtype
+from ..priors.base import Prior, get_prior
+from .engine import Engine
+from .init import leading_pair
+from .noise import check_noise, uses_rows
+from .result import EBMFResult
+
+logger = logging.getLogger("cebmf")
+
+PriorSpec = str | Prior | Sequence[str | Prior]
+
+
+class _PriorChoice:
+    """Prior of factor k from a single spec or a per-factor sequence (the last entry
+    serves every later factor)."""
+
+    def __init__(self, spec: PriorSpec, argname: str) -> None:
+        if isinstance(spec, str | Prior):
+            spec = [spec]
+        spec = list(spec)
+        if not spec:
+            raise ValueError(f"{argname} is an empty sequence; give a prior name or instance.")
+        self.priors = []
+        for item in spec:
+            try:
+                self.priors.append(get_prior(item))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{argname}: {err}") from err
+        self.argname = argname
+
+    def __getitem__(self, k: int) -> Prior:
+        return self.priors[min(k, len(self.priors) - 1)]
+
+
+def _as_covariates(x, n: int, argname: str, dtype, device) -> torch.Tensor | None:
+    if x is None:
+        return None
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise TypeError(f"{argname} must be a numeric array, got dtype {arr.dtype}.")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(
+            f"{argname} must have one row per {'row' if argname == 'X_l' else 'column'} of Y "
+            f"({n}), got shape {arr.shape}."
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{argname} contains NaN or Inf; impute or drop them first.")
+    return torch.as_tensor(arr, dtype=dtype, device=device)
+
+
+def _check_zero_lines(data, noise: str) -> None:
+    """Rows (row noise) or columns (column noise) without signal have no noise variance."""
+    checks = [("column", data.col_sq, data.n_obs_col, "columns")]
+    if uses_rows(noise):
+        checks = [("row", data.row_sq, data.n_obs_row, "rows")]
+    if noise == "constant":
+        if not float(data.row_sq.sum()) > 0:
+            raise ValueError("Y is all zero: there is nothing to factorise.")
+        checks = []
+    for what, sq, nobs, plural in checks:
+        bad = torch.nonzero((sq <= 0) | (nobs <= 0)).ravel().cpu().numpy()
+        if bad.size:
+            first = ", ".join(map(str, bad[:5]))
+            raise ValueError(
+                f"Y has {bad.size} {what}(s) that are all zero or unobserved (first: {first}); "
+                f"with noise={noise!r} their noise variance would be 0. Drop those {plural} "
+                f"or use noise='constant'."
+            )
+    nobs_lines = [(data.n_obs_row, "row"), (data.n_obs_col, "column")]
+    for nobs, what in nobs_lines:
+        empty = torch.nonzero(nobs <= 0).ravel().cpu().numpy()
+        if empty.size:
+            raise ValueError(
+                f"Y has {empty.size} {what}(s) with every entry missing (first: {empty[0]}); "
+                f"drop them."
+            )
+
+
+def _as_matrix(x, n: int, argname: str, dtype, device) -> torch.Tensor:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise TypeError(f"{argname} must be numeric, got dtype {arr.dtype}.")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(f"{argname} must have {n} rows, got shape {arr.shape}.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{argname} contains NaN or Inf.")
+    return torch.as_tensor(arr, dtype=dtype, device=device)
+
+
+def fit_ebmf(
+    Y: Any,
+    *,
+    max_factors: int = 50,
+    prior_loadings: PriorSpec = "point_normal",
+    prior_factors: PriorSpec = "point_normal",
+    noise: str = "column",
+    X_l: Any = None,
+    X_f: Any = None,
+    init: tuple[Any, Any] | None = None,
+    fixed_loadings: Any = None,
+    fixed_factors: Any = None,
+    greedy: bool = True,
+    backfit: bool = True,
+    nullcheck: bool = True,
+    tol: float | None = None,
+    max_iter: int = 500,
+    device: str | torch.device = "auto",
+    dtype: Any = None,
+    random_state: int = 0,
+    progress: bool = False,
+    keep_ebnm_inputs: bool = False,
+) -> EBMFResult:
+    r"""Empirical Bayes matrix factorisation Y ~ L F^T + E.
+
+    Factors are added greedily (each initialised from the leading singular pair of the
+    implicit residual, sign-aware for nonnegative priors, then iterated alone until its
+    ELBO change is below ``tol``; kept only if non-zero and the ELBO rises), then all are
+    refined by backfitting sweeps until the ELBO changes by less than ``tol``, and factors
+    whose removal does not lower the ELBO are dropped (nullcheck).
+
+    Parameters
+    ----------
+    Y
+        N x P data: dense numpy / torch (NaN = missing), scipy sparse, or torch sparse.
+        Never modified; sparse input is never densified.
+    max_factors
+        Upper bound on the number of factors added greedily (capped at min(N, P)).
+    prior_loadings, prior_factors
+        Prior family name or :class:`~cebmf.priors.Prior`, or a sequence giving factor k
+        its k-th entry (the last entry serves every later factor).
+    noise
+        ``"column"`` (default: one variance per gene), ``"row"`` or ``"constant"``.
+    X_l, X_f
+        Row (cell) and column (gene) covariates, N x d and P x e, passed to the priors;
+        only covariate-moderated prior families accept them.
+    init
+        ``(L0, F0)``, N x K0 and P x K0 starting factors (refined like the others).
+    fixed_loadings, fixed_factors
+        N x r (P x r) columns fixed as loadings (factors) of r extra factors whose other
+        side is learned with a ``flat`` prior (e.g. ``fixed_loadings=np.ones(N)`` is an
+        intercept: gene means).
+    greedy, backfit, nullcheck
+        Which stages to run.
+    tol
+        Convergence tolerance on the ELBO; default N P sqrt(float64 eps) (flashier's).
+    max_iter
+        Maximum backfit sweeps (and iterations per greedy factor).
+    device, dtype
+        ``"auto"`` picks CUDA when available. dtype None: float32 on GPU, float64 on CPU;
+        reductions (ELBO, noise) are float64 either way.
+    random_state
+        Seed of the initialisations.
+    progress
+        Show a progress bar (tqdm) on stderr; logging goes to the ``cebmf`` logger.
+    keep_ebnm_inputs
+        Keep the (x, s) of each factor's last EBNM problem in ``result.ebnm_inputs``.
+
+    Returns
+    -------
+    EBMFResult
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    check_noise(noise)
+    if isinstance(max_factors, bool) or not isinstance(max_factors, int | np.integer):
+        raise TypeError(f"max_factors must be an integer, got {type(max_factors).__name__}.")
+    if max_factors < 1:
+        raise ValueError(f"max_factors must be at least 1, got {max_factors}.")
+    if not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    data = as_data_matrix(Y, dtype=dt, device=dev)
+    n, p = data.shape
+    _check_zero_lines(data, noise)
+    if tol is None:
+        tol = n * p * math.sqrt(np.finfo(np.float64).eps)
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}.")
+    choose_l = _PriorChoice(prior_loadings, "prior_loadings")
+    choose_f = _PriorChoice(prior_factors, "prior_factors")
+    cov_l = _as_covariates(X_l, n, "X_l", dt, dev)
+    cov_f = _as_covariates(X_f, p, "X_f", dt, dev)
+    for choice, cov, argname in ((choose_l, cov_l, "X_l"), (choose_f, cov_f, "X_f")):
+        plain = [pr.name for pr in choice.priors if not pr.uses_covariates]
+        if cov is not None and plain:
+            raise ValueError(
+                f"{argname} was given but {choice.argname} uses {plain[0]!r}, which does not "
+                f"use covariates; choose a covariate-moderated prior or drop {argname}."
+            )
+    gen = torch.Generator().manual_seed(int(random_state))
+
+    engine = Engine(data, noise, keep_inputs=keep_ebnm_inputs)
+    engine.loadings.covariates, engine.factors.covariates = cov_l, cov_f
+    engine.update_noise()
+    trace: list[float] = []
+    flat = get_prior("flat")
+
+    # fixed factors, then user-supplied starting factors
+    for arr, fixed_side, argname in (
+        (fixed_loadings, "loadings", "fixed_loadings"),
+        (fixed_factors, "factors", "fixed_factors"),
+    ):
+        if arr is None:
+            continue
+        cols = _as_matrix(arr, n if fixed_side == "loadings" else p, argname, dt, dev)
+        for j in range(cols.shape[1]):
+            v = cols[:, j]
+            if fixed_side == "loadings":
+                engine.add_factor(
+                    v,
+                    v * v,
+                    torch.zeros(p, dtype=dt, device=dev),
+                    torch.ones(p, dtype=dt, device=dev),
+                    flat,
+                    flat,
+                    fixed_l=True,
+                )
+            else:
+                engine.add_factor(
+                    torch.zeros(n, dtype=dt, device=dev),
+                    torch.ones(n, dtype=dt, device=dev),
+                    v,
+                    v * v,
+                    flat,
+                    flat,
+                    fixed_f=True,
+                )
+            k = engine.k - 1
+            engine.update(
+                "factors" if fixed_side == "loadings" else "loadings",
+                k,
+                engine.prepare("factors" if fixed_side == "loadings" else "loadings", [k]),
+            )
+    if init is not None:
+        if not (isinstance(init, tuple | list) and len(init) == 2):
+            raise TypeError("init must be a pair (L0, F0) of N x K0 and P x K0 arrays.")
+        l0 = _as_matrix(init[0], n, "init[0] (L0)", dt, dev)
+        f0 = _as_matrix(init[1], p, "init[1] (F0)", dt, dev)
+        if l0.shape[1] != f0.shape[1]:
+            raise ValueError(
+                f"init has {l0.shape[1]} loading columns but {f0.shape[1]} factor columns."
+            )
+        for j in range(l0.shape[1]):
+            kk = engine.k
+            engine.add_factor(
+                l0[:, j], l0[:, j] ** 2, f0[:, j], f0[:, j] ** 2, choose_l[kk], choose_f[kk]
+            )
+    if engine.k:
+        engine.update_noise()
+
+    bar = _progress(progress)
+    cap = min(int(max_factors), n, p)
+    n_learned = engine.k - sum(
+        any(fx) for fx in zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
+    )
+    if greedy:
+        while n_learned < cap:
+            added, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace)
+            bar.update(1)
+            if not added:
+                break
+            n_learned += 1
+            logger.info("greedy: factor %d added, ELBO %.6g", engine.k, elbo)
+    converged, stop, n_iter = True, "greedy only", 0
+    while True:
+        if backfit and engine.k:
+            converged, stop, sweeps = _backfit(engine, tol, max_iter, trace, bar)
+            n_iter += sweeps
+        if not nullcheck or not _nullcheck(engine, trace) or not backfit:
+            break
+    bar.close()
+    return _result(engine, trace, converged, stop, n_iter)
+
+
+def _progress(enabled: bool):
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(desc="cebmf", unit="step", leave=False)
+
+    class _Silent:
+        def update(self, *_):
+            pass
+
+        def set_postfix_str(self, *_):
+            pass
+
+        def close(self):
+            pass
+
+    return _Silent()
+
+
+def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
+    k = engine.k
+    prior_l, prior_f = choose_l[k], choose_f[k]
+    elbo_before = engine.elbo()
+    pair = leading_pair(engine, gen, nonneg_l=prior_l.nonnegative, nonneg_f=prior_f.nonnegative)
+    if pair is None:
+        return False, elbo_before
+    snap = engine.snapshot()
+    l0, f0 = pair
+    engine.add_factor(l0, l0 * l0, f0, f0 * f0, prior_l, prior_f)
+    elbo = -math.inf
+    local_trace = []
+    for _ in range(max_iter):
+        if not engine.update("loadings", k, engine.prepare("loadings", [k])) or engine.is_zero(k):
+            break
+        if not engine.update("factors", k, engine.prepare("factors", [k])) or engine.is_zero(k):
+            break
+        engine.update_noise()
+        new = engine.elbo()
+        local_trace.append(new)
+        done = new - elbo < tol
+        elbo = new
+        if done:
+            break
+    if engine.is_zero(k) or not elbo > elbo_before:
+        engine.restore(snap)
+        return False, elbo_before
+    trace.extend(local_trace)
+    return True, elbo
+
+
+def _backfit(engine: Engine, tol, max_iter, trace, bar):
+    elbo = engine.elbo()
+    for sweep in range(1, max_iter + 1):
+        dead: set[int] = set()
+        for which in ("loadings", "factors"):
+            pre = engine.prepare(which)
+            for k in range(engine.k):
+                if k in dead:
+                    continue
+                if not engine.update(which, k, pre) or engine.is_zero(k):
+                    dead.add(k)
+        if dead:
+            engine.remove_factors(sorted(dead))
+        engine.update_noise()
+        new = engine.elbo()
+        trace.append(new)
+        bar.update(1)
+        bar.set_postfix_str(f"K={engine.k} ELBO={new:.6g}")
+        logger.info("backfit sweep %d: K=%d, ELBO %.10g", sweep, engine.k, new)
+        if new - elbo < tol and not dead:
+            return True, "converged", sweep
+        elbo = new
+        if engine.k == 0:
+            return True, "no factors left", sweep
+    return False, "max_iter", max_iter
+
+
+def _nullcheck(engine: Engine, trace) -> bool:
+    """Drop factors whose removal does not lower the ELBO; True if any was dropped."""
+    dropped = False
+    k = 0
+    while k < engine.k:
+        if engine.loadings.fixed[k] or engine.factors.fixed[k]:
+            k += 1
+            continue
+        with_k = engine.elbo()
+        snap = engine.snapshot()
+        engine.remove_factors([k])
+        engine.update_noise()
+        without = engine.elbo()
+        if without >= with_k:
+            logger.info(
+                "nullcheck: factor %d dropped (ELBO %.10g -> %.10g)", k + 1, with_k, without
+            )
+            trace.append(without)
+            dropped = True
+        else:
+            engine.restore(snap)
+            k += 1
+    return dropped
+
+
+def _result(engine: Engine, trace, converged, stop, n_iter) -> EBMFResult:
+    lo, fa = engine.loadings, engine.factors
+    L = lo.mean.to(torch.float64)
+    F = fa.mean.to(torch.float64)
+    d2 = (L * L).sum(0) * (F * F).sum(0)
+    inv_a, inv_b = 1.0 / engine.a, 1.0 / engine.b
+    if engine.masked:
+        noise_var = inv_a @ engine.data.mask.to(torch.float64) @ inv_b
+    else:
+        noise_var = inv_a.sum() * inv_b.sum()
+    pve = (d2 / (d2.sum() + noise_var)).cpu().numpy()
+    fixed = [(bool(a), bool(b)) for a, b in zip(lo.fixed, fa.fixed, strict=True)]
+    learned = [k for k in range(engine.k) if not any(fixed[k])]
+    order = [k for k in range(engine.k) if any(fixed[k])] + sorted(learned, key=lambda k: -pve[k])
+
+    def cols(t):
+        return t[:, order].cpu().numpy() if engine.k else t.cpu().numpy()
+
+    def sd(side):
+        return cols(torch.sqrt((side.mean2 - side.mean**2).clamp(min=0)))
+
+    if engine.noise == "constant":
+        noise_sd = float(torch.sqrt(inv_b[0]))
+    elif engine.noise == "row":
+        noise_sd = torch.sqrt(inv_a).cpu().numpy()
+    else:
+        noise_sd = torch.sqrt(inv_b).cpu().numpy()
+    inputs = None
+    if engine.keep_inputs:
+        inputs = [
+            {"loadings": (lo.last_x[k], lo.last_s[k]), "factors": (fa.last_x[k], fa.last_s[k])}
+            for k in order
+        ]
+    return EBMFResult(
+        L=cols(lo.mean),
+        F=cols(fa.mean),
+        L_sd=sd(lo),
+        F_sd=sd(fa),
+        L_lfsr=cols(lo.lfsr),
+        F_lfsr=cols(fa.lfsr),
+        elbo=engine.elbo(),
+        elbo_trace=list(trace),
+        noise=engine.noise,
+        noise_sd=noise_sd,
+        pve=pve[order] if engine.k else pve,
+        priors=[{"loadings": lo.g[k], "factors": fa.g[k]} for k in order],
+        fixed=[fixed[k] for k in order],
+        converged=converged,
+        stop_reason=stop,
+        n_iter=n_iter,
+        ebnm_inputs=inputs,
+    )
