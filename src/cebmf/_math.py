@@ -124,7 +124,7 @@ def truncnorm_sign_probs(
         (mean - lower) / sd
     )
     log_ratio = log_ratio.clamp(max=0.0)
-    return -torch.expm1(log_ratio), torch.exp(log_ratio)
+    return -torch.expm1(log_ratio), exp_flushed(log_ratio.clone())
 
 
 def point_sign_probs(

@@ -1,19 +1,21 @@
 """Parametric "spike and slab" families: pi0 * delta_mode + (1 - pi0) * slab(eta).
 
-The slab has one free parameter ``eta`` (the log of its scale); the spike weight is
-parametrised by ``a = logit(1 - pi0)``. The marginal log-likelihood
+The slab has one free parameter ``eta`` (the log of its scale). The marginal
+log-likelihood
 
-    f(a, eta) = sum_i log( (1 - w) N(x_i; 0, s_i^2) + w p_slab(x_i | eta) ),  w = sigmoid(a)
+    f(pi0, eta) = sum_i log( pi0 N(x_i; 0, s_i^2) + (1 - pi0) p_slab(x_i | eta) )
 
-is maximised by a damped, box-constrained Newton method whose gradient and Hessian are
-exact: with slab responsibilities r_i and per-observation slab derivatives d1_i, d2_i
-(w.r.t. eta),
+is concave in pi0 for fixed eta. It is maximised by a damped Newton method on the box
+pi0 in [eps, 1 - eps] (projected steps, so the pi0 = 0 and pi0 = 1 edges are reached in a
+few steps), with exact derivatives: with the likelihood ratios E0_i = N(x_i; 0, s_i^2) /
+p(x_i), E1_i = p_slab(x_i) / p(x_i), slab responsibilities r_i = (1 - pi0) E1_i and
+per-observation slab derivatives d1_i, d2_i (w.r.t. eta),
 
-    df/da = sum r_i - n w,            d2f/da2   = sum r_i (1 - r_i) - n w (1 - w),
-    df/deta = sum r_i d1_i,           d2f/dadeta = sum r_i (1 - r_i) d1_i,
+    df/dpi0 = sum (E0_i - E1_i),        d2f/dpi0^2   = -sum (E0_i - E1_i)^2,
+    df/deta = sum r_i d1_i,             d2f/dpi0deta = -sum E0_i E1_i d1_i,
     d2f/deta2 = sum r_i d2_i + r_i (1 - r_i) d1_i^2.
 
-Boundaries (pi0 = 1, pi0 = 0) are checked explicitly after the interior search.
+The exact edges pi0 = 0 and pi0 = 1 are compared with the interior optimum at the end.
 """
 
 from __future__ import annotations
@@ -30,16 +32,12 @@ from .._math import exp_flushed, log_normal_pdf, point_sign_probs
 from ._posterior import summarize
 from .base import EBNMResult, Prior
 
-_A_BOUND = 25.0  # |logit(1 - pi0)| bound of the interior search; boundaries checked apart
+_PI0_EPS = 1e-12  # pi0 box of the interior search; the exact edges are checked apart
 _SUBSAMPLE = 20_000  # observations used to pick a starting point on cold starts
 
 
-def _log_sigmoid(a: float) -> float:
-    if a == math.inf:
-        return 0.0
-    if a == -math.inf:
-        return -math.inf
-    return -math.log1p(math.exp(-a)) if a >= 0 else a - math.log1p(math.exp(a))
+def _log(v: float) -> float:
+    return math.log(v) if v > 0 else -math.inf
 
 
 @dataclass
@@ -114,72 +112,57 @@ class SpikeSlabPrior(Prior):
         if fix_g:
             theta = start
         else:
-            starts = []
+            warm = []
             if g_init is not None:
-                starts.append(start)
-            if state is not None and "theta" in state:
-                starts.append(tuple(state["theta"]))
-            theta = self._optimise(data, starts)
+                warm.append(start)
+            if state is not None and "pi0_eta" in state:
+                warm.append(tuple(state["pi0_eta"]))
+            theta = self._optimise(data, warm)
         return self._result(data, theta)
 
     def _theta_from_g(self, g: dict[str, Any]) -> tuple[float, float]:
         if not self.has_spike:
-            return (math.inf, self._g_to_eta(g))
+            return (0.0, self._g_to_eta(g))
         pi0 = float(g["pi0"])
         if not 0.0 <= pi0 <= 1.0:
             raise ValueError(f"g_init['pi0'] must be in [0, 1], got {pi0}.")
-        a = math.inf if pi0 == 0.0 else -math.inf if pi0 == 1.0 else math.log((1 - pi0) / pi0)
-        return (a, self._g_to_eta(g))
+        return (pi0, self._g_to_eta(g))
 
-    def _objective(self, data: _Data, a: float, eta: float, derivs: bool):
-        """f(a, eta), and with ``derivs`` its gradient and Hessian over the free params."""
+    def _objective(self, data: _Data, pi0: float, eta: float, derivs: bool):
+        """f(pi0, eta), and with ``derivs`` its gradient and Hessian (2-vectors)."""
         f64 = torch.float64
-        if self.has_spike and a == -math.inf and not derivs:  # the null: no slab
+        if self.has_spike and pi0 == 1.0 and not derivs:  # the null: no slab
             return data.l0.sum(dtype=f64).item(), None, None
         eta_t = torch.tensor(eta, dtype=data.x.dtype, device=data.x.device)
         if derivs:
             l1, d1, d2 = self._slab_derivs(data.x, data.s, eta_t)
         else:
             l1 = self._slab_loglik(data.x, data.s, eta_t)
-        if not self.has_spike:
+        if not self.has_spike or pi0 == 0.0:
             if not derivs:
                 return l1.sum(dtype=f64).item(), None, None
             f, g1, h11 = torch.stack([t.sum(dtype=f64) for t in (l1, d1, d2)]).tolist()
-            return f, np.array([g1]), np.array([[h11]])
-        lw0, lw1 = _log_sigmoid(-a), _log_sigmoid(a)
-        c0 = data.l0 + lw0
-        c1 = l1 + lw1
-        ll = torch.logaddexp(c0, c1)
+            return f, np.array([0.0, g1]), np.array([[0.0, 0.0], [0.0, h11]])
+        lw0, lw1 = math.log(pi0), math.log1p(-pi0)
+        ll = torch.logaddexp(data.l0 + lw0, l1 + lw1)
         if not derivs:
             return ll.sum(dtype=f64).item(), None, None
-        r1 = exp_flushed(c1 - ll)
-        r01 = r1 * exp_flushed(c0 - ll)
+        e0 = exp_flushed(data.l0 - ll)
+        e1 = exp_flushed(l1 - ll)
+        r1 = (1.0 - pi0) * e1
+        diff = e0 - e1
         sums = torch.stack(
             [
                 ll.sum(dtype=f64),
-                r1.sum(dtype=f64),
-                r01.sum(dtype=f64),
+                diff.sum(dtype=f64),
+                (diff * diff).sum(dtype=f64),
                 (r1 * d1).sum(dtype=f64),
-                (r01 * d1).sum(dtype=f64),
-                (r1 * d2 + r01 * d1 * d1).sum(dtype=f64),
+                (e0 * e1 * d1).sum(dtype=f64),
+                (r1 * d2 + r1 * (1.0 - r1) * d1 * d1).sum(dtype=f64),
             ]
         ).tolist()
-        f, s_r1, s_r01, s_r1d1, s_r01d1, s_ee = sums
-        w1 = math.exp(lw1)
-        w0 = math.exp(lw0)
-        grad = np.array([s_r1 - data.n * w1, s_r1d1])
-        hess = np.array([[s_r01 - data.n * w0 * w1, s_r01d1], [s_r01d1, s_ee]])
-        return f, grad, hess
-
-    def _theta_vec(self, theta: tuple[float, float]) -> np.ndarray:
-        return np.array(theta if self.has_spike else theta[1:], dtype=np.float64)
-
-    def _theta_tuple(self, v: np.ndarray) -> tuple[float, float]:
-        return (float(v[0]), float(v[1])) if self.has_spike else (math.inf, float(v[0]))
-
-    def _f(self, data: _Data, v: np.ndarray) -> float:
-        a, eta = self._theta_tuple(v)
-        return self._objective(data, a, eta, False)[0]
+        f, g_p, h_pp, g_e, h_pe, h_ee = sums
+        return f, np.array([g_p, g_e]), np.array([[-h_pp, -h_pe], [-h_pe, h_ee]])
 
     def _cold_start(self, data: _Data, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Best of a moment-matched start and a coarse grid, judged on a subsample."""
@@ -188,7 +171,7 @@ class SpikeSlabPrior(Prior):
         ex2, es2 = m2.tolist()
         excess = max(ex2 - es2, 0.0)
         slab_m2 = 2.0 * excess if excess > 0 else es2  # moments at pi0 = 1/2
-        eta0 = float(np.clip(0.5 * math.log(slab_m2 / self.slab_m2), lo[-1], hi[-1]))
+        eta0 = float(np.clip(0.5 * math.log(slab_m2 / self.slab_m2), lo[1], hi[1]))
         sub = data
         step = -(-data.n // _SUBSAMPLE)
         if step > 1:
@@ -199,52 +182,52 @@ class SpikeSlabPrior(Prior):
                 data.l0[idx] if data.l0 is not None else None,
                 x[idx].numel(),
             )
-        eta_lo = max(lo[-1], 0.5 * math.log(max(es2, 1e-300)) - math.log(100.0))
-        etas = [eta0, *np.linspace(eta_lo, hi[-1] - math.log(10.0), 12).tolist()]
-        a_grid = [-3.0, 0.0, 3.0] if self.has_spike else [0.0]
-        best, best_f = self._theta_vec((0.0, eta0)), -math.inf
-        for a in a_grid:
+        eta_lo = max(lo[1], 0.5 * math.log(max(es2, 1e-300)) - math.log(100.0))
+        etas = [eta0, *np.linspace(eta_lo, hi[1] - math.log(10.0), 12).tolist()]
+        pi0s = [0.05, 0.5, 0.95] if self.has_spike else [0.0]
+        best, best_f = np.array([0.5 if self.has_spike else 0.0, eta0]), -math.inf
+        for pi0 in pi0s:
             for eta in etas:
-                v = self._theta_vec((a, eta))
-                fv = self._f(sub, v)
+                fv = self._objective(sub, pi0, eta, False)[0]
                 if fv > best_f:
-                    best, best_f = v, fv
+                    best, best_f = np.array([pi0, eta]), fv
         return best
 
     def _optimise(self, data: _Data, warm: list[tuple[float, float]]) -> tuple[float, float]:
         eta_lo, eta_hi = self._eta_bounds(data.x, data.s)
-        lo = self._theta_vec((-_A_BOUND, eta_lo))
-        hi = self._theta_vec((_A_BOUND, eta_hi))
+        eps = _PI0_EPS if self.has_spike else 0.0
+        lo = np.array([eps if self.has_spike else 0.0, eta_lo])
+        hi = np.array([1.0 - eps if self.has_spike else 0.0, eta_hi])
         if warm:
-            cands = [np.clip(self._theta_vec(t), lo, hi) for t in warm]
-            vals = [self._f(data, v) for v in cands]
-            i = int(np.argmax(vals))
-            v, f = self._newton(data, cands[i], lo, hi)
+            cands = [np.clip(np.array(t, dtype=np.float64), lo, hi) for t in warm]
+            vals = [self._objective(data, *v, False)[0] for v in cands]
+            start = cands[int(np.argmax(vals))]
         else:
-            v, f = self._newton(data, self._cold_start(data, lo, hi), lo, hi)
-        theta = self._theta_tuple(v)
-        # boundaries of the spike weight: pi0 = 1 (null) and pi0 = 0 (pure slab)
-        if self.has_spike:
-            for a_edge in (-math.inf, math.inf):
-                f_edge = self._objective(data, a_edge, theta[1], False)[0]
+            start = self._cold_start(data, lo, hi)
+        v, f = self._newton(data, start, lo, hi)
+        theta = (float(v[0]), float(v[1]))
+        if self.has_spike:  # the exact edges pi0 = 1 (null) and pi0 = 0 (pure slab)
+            for edge in (1.0, 0.0):
+                f_edge = self._objective(data, edge, theta[1], False)[0]
                 if f_edge >= f:
-                    theta, f = (a_edge, theta[1]), f_edge
-        # never end below a warm start (it may lie exactly on a boundary)
+                    theta, f = (edge, theta[1]), f_edge
+        # never end below a warm start (it may lie exactly on an edge)
         for t in warm:
             f_warm = self._objective(data, *t, False)[0]
             if f_warm > f:
-                theta, f = t, f_warm
+                theta, f = (float(t[0]), float(t[1])), f_warm
         return theta
 
     def _newton(
         self, data: _Data, v: np.ndarray, lo: np.ndarray, hi: np.ndarray
     ) -> tuple[np.ndarray, float]:
         """Maximise f over the box [lo, hi] by projected, damped Newton steps."""
-        max_step = np.array([10.0, 3.0]) if self.has_spike else np.array([3.0])
-        f, grad, hess = self._objective(data, *self._theta_tuple(v), True)
-        tol = 1e-11 * max(data.n, 1) + 1e-12 * abs(f)
+        dims = np.array([self.has_spike, True])
+        max_step = np.array([1.0, 3.0])
+        f, grad, hess = self._objective(data, *v, True)
+        tol = 1e-11 * max(data.n, 1) + 1e-13 * abs(f)
         for _ in range(self.max_iter):
-            free = ~(((v <= lo) & (grad < 0)) | ((v >= hi) & (grad > 0)))
+            free = dims & ~(((v <= lo) & (grad < 0)) | ((v >= hi) & (grad > 0)))
             if not free.any():
                 break
             gf = grad[free]
@@ -265,10 +248,10 @@ class SpikeSlabPrior(Prior):
             for trial in range(40):
                 cand = np.clip(v + t * step, lo, hi)
                 if trial == 0:
-                    fc, gc, hc = self._objective(data, *self._theta_tuple(cand), True)
+                    fc, gc, hc = self._objective(data, *cand, True)
                 else:
-                    fc = self._f(data, cand)
-                if np.isfinite(fc) and fc >= f + 1e-4 * t * float(grad @ (cand - v)) and fc > f:
+                    fc = self._objective(data, *cand, False)[0]
+                if np.isfinite(fc) and fc >= f + 1e-4 * float(grad @ (cand - v)) and fc > f:
                     accepted = True
                     break
                 t *= 0.5
@@ -279,29 +262,29 @@ class SpikeSlabPrior(Prior):
             if trial == 0:
                 grad, hess = gc, hc
             else:
-                f, grad, hess = self._objective(data, *self._theta_tuple(v), True)
+                f, grad, hess = self._objective(data, *v, True)
             if gain < tol:
                 break
         return v, f
 
     # ---- results ------------------------------------------------------------------
     def _result(self, data: _Data, theta: tuple[float, float]) -> EBNMResult:
-        a, eta = theta
+        pi0, eta = theta
         eta_t = torch.tensor(eta, dtype=data.x.dtype, device=data.x.device)
         c = -self.mode
-        lw1 = _log_sigmoid(a)
+        lw1 = math.log1p(-pi0) if pi0 < 1.0 else -math.inf
         parts = []
         for lw, mean, var, p_le, p_ge in self._slab_pieces(data.x, data.s, eta_t, c):
             parts.append((lw + lw1, mean, var, p_le, p_ge))
         if self.has_spike:
             zero = torch.zeros_like(data.x)
             p_le, p_ge = point_sign_probs(zero, 0.0, c)
-            parts.insert(0, (data.l0 + _log_sigmoid(-a), zero, zero, p_le, p_ge))
+            parts.insert(0, (data.l0 + _log(pi0), zero, zero, p_le, p_ge))
         post = summarize(parts, shift=self.mode)
         loglik = post.log_marginal.sum(dtype=torch.float64).item()
         g: dict[str, Any] = {"family": self.name, "mode": self.mode}
         if self.has_spike:
-            g["pi0"] = math.exp(_log_sigmoid(-a))
+            g["pi0"] = pi0
         g.update(self._eta_to_g(eta))
         return EBNMResult(
             mean=post.mean,
@@ -310,5 +293,5 @@ class SpikeSlabPrior(Prior):
             lfsr=post.lfsr,
             loglik=loglik,
             g=g,
-            state={"theta": (a, eta)},
+            state={"pi0_eta": (pi0, eta)},
         )

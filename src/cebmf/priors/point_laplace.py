@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._math import log_scaled_ndtr, std_truncnorm_moments, truncnorm_sign_probs
+from .._math import exp_flushed, log_scaled_ndtr, std_truncnorm_moments, truncnorm_sign_probs
 from ._spike_slab import SpikeSlabPrior
 from .base import register_prior
 
@@ -45,7 +45,7 @@ class PointLaplace(SpikeSlabPrior):
     def _slab_derivs(self, x, s, eta):
         lam_s, u_pos, u_neg, lp, ln = self._halves(x, s, eta)
         l1 = torch.logaddexp(lp, ln)
-        p = torch.exp(lp - l1)
+        p = exp_flushed(lp - l1)
         dp, vp = std_truncnorm_moments(-u_pos)
         dn, vn = std_truncnorm_moments(-u_neg)
         a1, b1 = dp * lam_s, dn * lam_s  # d/deta of log M(u_+-)
