@@ -190,6 +190,31 @@ class Engine:
             self.resid = snap["resid"]
         self._ytl = self._yf = None
 
+    def extrapolate(self, prev: dict, beta: float) -> bool:
+        """Move the moments and precisions to ``cur + beta (cur - prev)`` (Ang and Gillis
+        2019, as flashier): a starting point for the next sweep, which then makes every
+        q an EBNM posterior again. Fixed sides stay. False if the shapes differ."""
+        for side in (self.loadings, self.factors):
+            old = prev[side.name]
+            if old["mean"].shape != side.mean.shape:
+                return False
+        for side in (self.loadings, self.factors):
+            old = prev[side.name]
+            free = ~torch.as_tensor(side.fixed, dtype=torch.bool, device=side.mean.device)
+            mean = side.mean + beta * (side.mean - old["mean"])
+            mean2 = side.mean2 + beta * (side.mean2 - old["mean2"])
+            mean2 = torch.maximum(mean2, mean * mean)
+            side.mean = torch.where(free, mean, side.mean)
+            side.mean2 = torch.where(free, mean2, side.mean2)
+        self.a = torch.maximum(self.a + beta * (self.a - prev["a"]), 1e-3 * self.a)
+        self.b = torch.maximum(self.b + beta * (self.b - prev["b"]), 1e-3 * self.b)
+        if self.masked:
+            self.resid = (
+                self.data.values - self.loadings.mean @ self.factors.mean.T
+            ) * self.data.mask
+        self._ytl = self._yf = None
+        return True
+
     def _mask_outer(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.outer(u, v) * self.data.mask
 

@@ -317,7 +317,6 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
     l0, f0 = pair
     engine.add_factor(l0, l0 * l0, f0, f0 * f0, prior_l, prior_f)
     elbo = -math.inf
-    local_trace = []
     for _ in range(max_iter):
         if not engine.update("loadings", k, engine.prepare("loadings", [k])) or engine.is_zero(k):
             break
@@ -325,7 +324,6 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
             break
         engine.update_noise()
         new = engine.elbo()
-        local_trace.append(new)
         done = new - elbo < tol
         elbo = new
         if done:
@@ -333,25 +331,54 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
     if engine.is_zero(k) or not elbo > elbo_before:
         engine.restore(snap)
         return False, elbo_before
-    trace.extend(local_trace)
+    trace.append(elbo)
     return True, elbo
 
 
-def _backfit(engine: Engine, tol, max_iter, trace, bar):
+def _sweep(engine: Engine) -> list[int]:
+    """Update every loading, then every factor, then the noise. Returns dropped factors."""
+    dead: set[int] = set()
+    for which in ("loadings", "factors"):
+        pre = engine.prepare(which)
+        for k in range(engine.k):
+            if k in dead:
+                continue
+            if not engine.update(which, k, pre) or engine.is_zero(k):
+                dead.add(k)
+    if dead:
+        engine.remove_factors(sorted(dead))
+    engine.update_noise()
+    return sorted(dead)
+
+
+# extrapolation schedule (flashier's defaults)
+_BETA_INIT, _BETA_UP, _BETA_DOWN, _BETA_MAX = 0.5, 1.2, 0.5, 2.0
+
+
+def _backfit(engine: Engine, tol, max_iter, trace, bar, extrapolate: bool = True):
+    """Sweeps until the ELBO gains less than ``tol``. With ``extrapolate``, each sweep
+    starts from cur + beta (cur - prev); it is kept only if it beats cur, else a plain
+    sweep from cur follows and beta shrinks (so the accepted ELBOs never decrease)."""
     elbo = engine.elbo()
+    prev = None
+    beta = _BETA_INIT / _BETA_UP
     for sweep in range(1, max_iter + 1):
-        dead: set[int] = set()
-        for which in ("loadings", "factors"):
-            pre = engine.prepare(which)
-            for k in range(engine.k):
-                if k in dead:
-                    continue
-                if not engine.update(which, k, pre) or engine.is_zero(k):
-                    dead.add(k)
-        if dead:
-            engine.remove_factors(sorted(dead))
-        engine.update_noise()
-        new = engine.elbo()
+        cur = engine.snapshot() if extrapolate else None
+        dead: list[int] = []
+        new = -math.inf
+        if prev is not None and engine.extrapolate(prev, beta):
+            dead = _sweep(engine)
+            new = engine.elbo()
+            if new > elbo:
+                beta = min(beta * _BETA_UP, _BETA_MAX)
+            else:
+                engine.restore(cur)
+                beta *= _BETA_DOWN
+                new = -math.inf
+        if new == -math.inf:
+            dead = _sweep(engine)
+            new = engine.elbo()
+        prev = cur
         trace.append(new)
         bar.update(1)
         bar.set_postfix_str(f"K={engine.k} ELBO={new:.6g}")

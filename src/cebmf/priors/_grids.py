@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from ._smn_grid_table import SMN_GRID_KL
+from ._grid_tables import SMN_GRID_KL
 
 _LOG_M1 = np.log([m - 1.0 for m, _ in SMN_GRID_KL])
 _LOG_KL = np.log([kl for _, kl in SMN_GRID_KL])

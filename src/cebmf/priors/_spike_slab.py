@@ -198,7 +198,11 @@ class SpikeSlabPrior(Prior):
         eps = _PI0_EPS if self.has_spike else 0.0
         lo = np.array([eps if self.has_spike else 0.0, eta_lo])
         hi = np.array([1.0 - eps if self.has_spike else 0.0, eta_hi])
-        if warm:
+        warm_exact = False
+        if len(warm) == 1:
+            start = np.clip(np.array(warm[0], dtype=np.float64), lo, hi)
+            warm_exact = bool(np.all(start == np.asarray(warm[0])))
+        elif warm:
             cands = [np.clip(np.array(t, dtype=np.float64), lo, hi) for t in warm]
             vals = [self._objective(data, *v, False)[0] for v in cands]
             start = cands[int(np.argmax(vals))]
@@ -206,16 +210,20 @@ class SpikeSlabPrior(Prior):
             start = self._cold_start(data, lo, hi)
         v, f = self._newton(data, start, lo, hi)
         theta = (float(v[0]), float(v[1]))
-        if self.has_spike:  # the exact edges pi0 = 1 (null) and pi0 = 0 (pure slab)
+        # the exact edges pi0 = 1 (null) and pi0 = 0 (pure slab); f is concave in pi0, so
+        # an edge can only beat a point that stopped at the pi0 box
+        if self.has_spike and (v[0] <= lo[0] or v[0] >= hi[0]):
             for edge in (1.0, 0.0):
                 f_edge = self._objective(data, edge, theta[1], False)[0]
                 if f_edge >= f:
                     theta, f = (edge, theta[1]), f_edge
-        # never end below a warm start (it may lie exactly on an edge)
-        for t in warm:
-            f_warm = self._objective(data, *t, False)[0]
-            if f_warm > f:
-                theta, f = (float(t[0]), float(t[1])), f_warm
+        # never end below a warm start (Newton only accepts ascent steps, so this can only
+        # happen when a warm start lay outside the search box, e.g. exactly on an edge)
+        if not warm_exact:
+            for t in warm:
+                f_warm = self._objective(data, *t, False)[0]
+                if f_warm > f:
+                    theta, f = (float(t[0]), float(t[1])), f_warm
         return theta
 
     def _newton(

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .._threads import threads_for
+
 
 @dataclass
 class EBNMResult:
@@ -102,7 +104,8 @@ class Prior(ABC):
             self.check_g(g_init, "g_init")
         if fix_g and g_init is None:
             raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
-        return self._fit(x, s, state=state, g_init=g_init, fix_g=fix_g)
+        with threads_for(x.numel(), x.device):
+            return self._fit(x, s, state=state, g_init=g_init, fix_g=fix_g)
 
     @abstractmethod
     def _fit(

@@ -1,0 +1,316 @@
+"""The EBMF engine: exact ELBO, monotone updates, recovery, sparse = dense, missing data.
+
+ELBO checks recompute the objective of DESIGN.md section 3 independently with dense numpy
+and the closed-form marginal likelihoods of ``tests/reference.py``.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import reference as ref
+import scipy.sparse as sp
+import torch
+
+import cebmf
+from cebmf.data import as_data_matrix
+from cebmf.model.engine import Engine
+from cebmf.model.init import leading_pair
+from cebmf.priors import available_priors, get_prior
+
+NONNEG = {"point_exponential", "nonnegative_mixture", "generalized_binary"}
+F64 = torch.float64
+
+
+def simulate(n=120, p=60, k=3, sd=1.0, seed=0, nonneg=False, density=0.3):
+    rng = np.random.default_rng(seed)
+    lo = rng.normal(0, 1.5, (n, k)) * (rng.random((n, k)) < density)
+    fa = rng.normal(0, 1.5, (p, k)) * (rng.random((p, k)) < 0.6)
+    if nonneg:
+        lo, fa = np.abs(lo), np.abs(fa)
+    y = lo @ fa.T + rng.normal(0, sd, (n, p))
+    return y, lo, fa
+
+
+def dense_elbo(y, res):
+    """Independent ELBO: dense expected residuals + KL terms from the closed-form
+    marginal likelihood of each factor's last EBNM problem."""
+    mask = ~np.isnan(y)
+    yz = np.where(mask, y, 0.0)
+    lm, fm = res.L, res.F
+    l2, f2 = res.L_sd**2 + lm**2, res.F_sd**2 + fm**2
+    er2 = (yz - lm @ fm.T) ** 2 + l2 @ f2.T - (lm**2) @ (fm**2).T
+    n, p = y.shape
+    var = np.broadcast_to(
+        np.asarray(res.noise_sd, dtype=float) ** 2
+        if res.noise != "row"
+        else (np.asarray(res.noise_sd) ** 2)[:, None],
+        (n, p),
+    )
+    if res.noise == "column":
+        var = np.broadcast_to(np.asarray(res.noise_sd) ** 2, (n, p))
+    data = np.sum(mask * (-0.5 * math.log(2 * math.pi) - 0.5 * np.log(var) - 0.5 * er2 / var))
+    kl = 0.0
+    for k, inputs in enumerate(res.ebnm_inputs):
+        for side, mean, sd in (("loadings", res.L, res.L_sd), ("factors", res.F, res.F_sd)):
+            x, s = inputs[side]
+            if x is None:  # a fixed side carries no KL term
+                continue
+            x, s = x.cpu().numpy(), s.cpu().numpy()
+            m, m2 = mean[:, k], sd[:, k] ** 2 + mean[:, k] ** 2
+            e = -0.5 * np.sum(np.log(2 * math.pi * s**2) + (m2 - 2 * x * m + x**2) / s**2)
+            kl += ref.loglik(res.priors[k][side], x, s) - e
+    return data + kl
+
+
+@pytest.mark.parametrize("noise", ["constant", "row", "column"])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "missing"])
+def test_reported_elbo_equals_independent_dense_computation(noise, kind):
+    y, *_ = simulate(seed=1)
+    if kind == "missing":
+        y = y.copy()
+        y[np.random.default_rng(2).random(y.shape) < 0.1] = np.nan
+    data = sp.csr_matrix(y) if kind == "sparse" else y
+    res = cebmf.fit_ebmf(data, noise=noise, max_factors=4, keep_ebnm_inputs=True)
+    assert res.n_factors >= 2
+    assert res.elbo == pytest.approx(dense_elbo(y, res), rel=1e-6)
+    # the posterior moments are the EBNM posterior of the recorded problem
+    for k in range(res.n_factors):
+        x, s = res.ebnm_inputs[k]["loadings"]
+        post = ref.posterior_quad_many(res.priors[k]["loadings"], x.numpy()[:10], s.numpy()[:10])
+        np.testing.assert_allclose(res.L[:10, k], post["mean"], rtol=1e-6, atol=1e-9)
+
+
+def _drive(y, family, noise, k=3, sweeps=4):
+    """Initialise k factors, then record the ELBO after every single update."""
+    data = as_data_matrix(y, dtype=F64, device=torch.device("cpu"))
+    eng = Engine(data, noise)
+    eng.update_noise()
+    gen = torch.Generator().manual_seed(0)
+    prior = get_prior(family)
+    for _ in range(k):
+        pair = leading_pair(eng, gen, nonneg_l=prior.nonnegative, nonneg_f=prior.nonnegative)
+        if pair is None:
+            break
+        lm, fm = pair
+        eng.add_factor(lm, lm * lm, fm, fm * fm, prior, prior)
+    trace = []
+    for sweep in range(sweeps):
+        for which in ("loadings", "factors"):
+            pre = eng.prepare(which)
+            for j in range(eng.k):
+                eng.update(which, j, pre)
+                if sweep:
+                    trace.append(eng.elbo())
+        eng.update_noise()
+        if sweep:
+            trace.append(eng.elbo())
+    return np.array(trace)
+
+
+@pytest.mark.parametrize("family", available_priors())
+@pytest.mark.parametrize("noise", ["constant", "row", "column"])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "missing"])
+def test_elbo_never_decreases_over_updates(family, noise, kind):
+    y, *_ = simulate(n=60, p=40, seed=3, nonneg=family in NONNEG)
+    if kind == "missing":
+        y[np.random.default_rng(4).random(y.shape) < 0.15] = np.nan
+    trace = _drive(sp.csr_matrix(y) if kind == "sparse" else y, family, noise)
+    assert trace.size > 10
+    drops = np.diff(trace)
+    assert drops.min() >= -1e-9 * np.abs(trace).max(), drops.min()
+
+
+@pytest.mark.parametrize("sd", [0.5, 1.0, 2.0])
+def test_recovers_rank_and_beats_truncated_svd(sd):
+    rng = np.random.default_rng(7)
+    n, p, k = 1000, 300, 5
+    lo = rng.normal(0, 1, (n, k)) * (rng.random((n, k)) < 0.3)
+    fa = rng.normal(0, 1, (p, k)) * (rng.random((p, k)) < 0.5)
+    truth = lo @ fa.T
+    y = truth + rng.normal(0, sd, (n, p))
+    res = cebmf.fit_ebmf(y, noise="constant")
+    assert res.n_factors == k
+    u, d, vt = np.linalg.svd(y, full_matrices=False)
+    svd = (u[:, :k] * d[:k]) @ vt[:k]
+    rmse = np.sqrt(np.mean((res.fitted() - truth) ** 2))
+    rmse_svd = np.sqrt(np.mean((svd - truth) ** 2))
+    assert rmse < rmse_svd
+    assert res.noise_sd == pytest.approx(sd, rel=0.02)
+    assert np.all(np.diff(res.elbo_trace) >= -1e-9 * abs(res.elbo))
+
+
+def test_pure_noise_gives_zero_factors():
+    y = np.random.default_rng(8).normal(size=(500, 200))
+    res = cebmf.fit_ebmf(y)
+    assert res.n_factors == 0
+    assert res.L.shape == (500, 0) and res.F.shape == (200, 0)
+    assert res.pve.shape == (0,)
+    np.testing.assert_allclose(res.noise_sd, np.sqrt((y**2).mean(0)), rtol=1e-9)
+
+
+def _log_counts(seed=9, n=400, p=150):
+    rng = np.random.default_rng(seed)
+    lo = np.abs(rng.normal(size=(n, 3))) * (rng.random((n, 3)) < 0.3)
+    fa = np.abs(rng.normal(size=(p, 3)))
+    return np.log1p(rng.poisson(lo @ fa.T).astype(float))
+
+
+@pytest.mark.parametrize("noise", ["constant", "row", "column"])
+def test_sparse_and_dense_updates_agree_to_rounding(noise):
+    y = _log_counts()
+    assert (y == 0).mean() > 0.4
+    engines = []
+    for data in (y, sp.csr_matrix(y), torch.tensor(y).to_sparse_csr()):
+        eng = Engine(as_data_matrix(data, dtype=F64, device=torch.device("cpu")), noise)
+        eng.update_noise()
+        engines.append(eng)
+    gen = torch.Generator().manual_seed(0)
+    prior = get_prior("point_normal")
+    for _ in range(3):
+        lm, fm = leading_pair(engines[0], gen)
+        for eng in engines:
+            eng.add_factor(lm, lm * lm, fm, fm * fm, prior, prior)
+    for _ in range(5):
+        for eng in engines:
+            for which in ("loadings", "factors"):
+                pre = eng.prepare(which)
+                for j in range(eng.k):
+                    eng.update(which, j, pre)
+            eng.update_noise()
+    ref_eng = engines[0]
+    for eng in engines[1:]:
+        for side in ("loadings", "factors"):
+            np.testing.assert_allclose(
+                getattr(eng, side).mean.numpy(),
+                getattr(ref_eng, side).mean.numpy(),
+                rtol=1e-9,
+                atol=1e-12,
+            )
+        assert eng.elbo() == pytest.approx(ref_eng.elbo(), rel=1e-12)
+
+
+def test_sparse_and_dense_fits_agree():
+    y = _log_counts()
+    dense = cebmf.fit_ebmf(y, max_factors=6)
+    sparse = cebmf.fit_ebmf(sp.csr_matrix(y), max_factors=6)
+    csc = cebmf.fit_ebmf(sp.csc_matrix(y), max_factors=6)
+    assert dense.n_factors == sparse.n_factors == csc.n_factors >= 2
+    # iterative fits agree up to their convergence tolerance (rounding differences change
+    # the path, not the optimum)
+    for other in (sparse, csc):
+        np.testing.assert_allclose(other.fitted(), dense.fitted(), atol=3e-3)
+        assert other.elbo == pytest.approx(dense.elbo, rel=1e-6)
+
+
+def test_missing_entries_are_ignored_and_imputed():
+    rng = np.random.default_rng(10)
+    n, p, k = 300, 120, 3
+    lo = rng.normal(size=(n, k))
+    fa = rng.normal(size=(p, k))
+    truth = lo @ fa.T
+    y = truth + rng.normal(0, 0.3, (n, p))
+    miss = rng.random((n, p)) < 0.2
+    y_obs = np.where(miss, np.nan, y)
+    res = cebmf.fit_ebmf(y_obs, noise="constant")
+    # entries at missing positions do not matter: a different value there, same fit
+    y_other = np.where(miss, 1e6, y)
+    mask_fit = cebmf.fit_ebmf(np.where(miss, np.nan, y_other), noise="constant")
+    np.testing.assert_allclose(mask_fit.fitted(), res.fitted(), rtol=1e-10, atol=1e-10)
+    imputed = res.impute(y_obs)
+    assert not np.isnan(imputed).any()
+    np.testing.assert_array_equal(imputed[~miss], y[~miss])
+    err = np.sqrt(np.mean((imputed[miss] - truth[miss]) ** 2))
+    assert err < 0.2  # noise sd 0.3; column means would give ~1.7
+    assert res.n_factors == k
+
+
+def test_intercept_and_init():
+    rng = np.random.default_rng(11)
+    n, p = 200, 80
+    means = rng.normal(5, 2, p)
+    lo = rng.normal(size=(n, 2)) * (rng.random((n, 2)) < 0.4)
+    fa = rng.normal(size=(p, 2))
+    y = means + lo @ fa.T + rng.normal(0, 0.5, (n, p))
+    res = cebmf.fit_ebmf(y, fixed_loadings=np.ones(n), noise="constant")
+    assert res.fixed[0] == (True, False)
+    np.testing.assert_allclose(res.L[:, 0], 1.0)
+    # the intercept's factor is the gene means (flat prior: no shrinkage)
+    assert np.corrcoef(res.F[:, 0], means)[0, 1] > 0.99
+    assert res.n_factors == 3
+    # a user initialisation is refined like greedy factors
+    init = cebmf.fit_ebmf(y - means, init=(lo, fa), greedy=False, noise="constant")
+    assert init.n_factors == 2
+    assert np.corrcoef(init.fitted().ravel(), (lo @ fa.T).ravel())[0, 1] > 0.95
+
+
+def test_ldf_and_pve():
+    y, *_ = simulate(n=200, p=100, seed=12, sd=0.5)
+    res = cebmf.fit_ebmf(y)
+    ldf = res.ldf()
+    np.testing.assert_allclose(np.linalg.norm(ldf.L, axis=0), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(ldf.F, axis=0), 1.0)
+    np.testing.assert_allclose((ldf.L * ldf.d) @ ldf.F.T, res.fitted(), atol=1e-10)
+    assert np.all(np.diff(res.pve) <= 0) and 0 < res.pve.sum() < 1
+
+
+def test_nonnegative_priors_give_nonnegative_factors():
+    y, *_ = simulate(n=200, p=100, seed=13, nonneg=True, sd=0.5)
+    res = cebmf.fit_ebmf(y, prior_loadings="point_exponential", prior_factors="point_exponential")
+    assert res.n_factors >= 2
+    assert res.L.min() >= 0 and res.F.min() >= 0
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+
+def test_bad_inputs_have_clear_errors():
+    y, *_ = simulate(n=30, p=20, seed=14)
+    with pytest.raises(ValueError, match="max_factors must be at least 1"):
+        cebmf.fit_ebmf(y, max_factors=0)
+    with pytest.raises(ValueError, match="infinite"):
+        cebmf.fit_ebmf(np.where(y > 2, np.inf, y))
+    z = y.copy()
+    z[:, 3] = 0.0
+    with pytest.raises(ValueError, match=r"1 column\(s\) that are all zero.*first: 3"):
+        cebmf.fit_ebmf(z)
+    z = y.copy()
+    z[5] = 0.0
+    with pytest.raises(ValueError, match=r"1 row\(s\) that are all zero"):
+        cebmf.fit_ebmf(z, noise="row")
+    with pytest.raises(ValueError, match="noise='columns' is not a noise model"):
+        cebmf.fit_ebmf(y, noise="columns")
+    with pytest.raises(ValueError, match="init has 2 loading columns but 3 factor columns"):
+        cebmf.fit_ebmf(y, init=(np.ones((30, 2)), np.ones((20, 3))))
+    with pytest.raises(ValueError, match=r"init\[0\] \(L0\) must have 30 rows"):
+        cebmf.fit_ebmf(y, init=(np.ones((29, 2)), np.ones((20, 2))))
+    with pytest.raises(ValueError, match="X_l was given but prior_loadings uses 'point_normal'"):
+        cebmf.fit_ebmf(y, X_l=np.ones((30, 2)))
+    with pytest.raises(ValueError, match=r"X_f must have one row per column of Y \(20\)"):
+        cebmf.fit_ebmf(y, X_f=np.ones((19, 2)))
+    with pytest.raises(ValueError, match="prior_factors: unknown prior 'gauss'"):
+        cebmf.fit_ebmf(y, prior_factors="gauss")
+    with pytest.raises(ValueError, match="2-dimensional"):
+        cebmf.fit_ebmf(np.ones(5))
+    with pytest.raises(TypeError, match="must be numeric"):
+        cebmf.fit_ebmf(np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(ValueError, match="sparse and contains 1 NaN"):
+        cebmf.fit_ebmf(sp.csr_matrix(np.where(np.arange(600).reshape(30, 20) == 7, np.nan, y)))
+
+
+def test_odd_but_valid_inputs():
+    y, *_ = simulate(n=40, p=30, seed=15, sd=0.5)
+    # a 1 x P matrix, integer and boolean data, non-contiguous views, float32
+    one = cebmf.fit_ebmf(y[:1], noise="constant")
+    assert one.L.shape[0] == 1
+    ints = cebmf.fit_ebmf(np.round(y * 10).astype(np.int32))
+    assert ints.n_factors >= 1
+    booleans = cebmf.fit_ebmf((y > 0.5), noise="constant")
+    assert booleans.L.shape[0] == 40
+    view = cebmf.fit_ebmf(np.asfortranarray(y)[:, ::1])
+    stride = cebmf.fit_ebmf(np.repeat(y, 2, axis=1)[:, ::2])
+    np.testing.assert_allclose(stride.fitted(), view.fitted(), rtol=1e-10, atol=1e-12)
+    assert cebmf.fit_ebmf(y, dtype="float32").L.dtype == np.float32
+    before = y.copy()
+    cebmf.fit_ebmf(y)
+    np.testing.assert_array_equal(y, before)
