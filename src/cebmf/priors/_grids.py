@@ -7,8 +7,10 @@ scale mixture and its best approximation on the grid is at most ``kl_target`` (d
 1/n, i.e. about one nat of log-likelihood in total); the table of KL(m) is computed by
 ``tools/make_smn_grid.py``.
 
-``exponential_mixture_scales`` follows ashr's ``autoselect.mixsd``: exponential means
-from min(s)/10 to 2 sqrt(max(x_+^2 - s^2)) in ratio ``mult`` (sqrt(2) by default).
+``exponential_mixture_scales`` spans ashr's range (``autoselect.mixsd``: exponential
+means from min(s)/10 to 2 sqrt(max(x_+^2 - s^2))) with the same KL rule: ratio m such that
+the worst-case KL divergence between an exponential and its best two-component
+approximation on the grid is ``kl_target`` (computed without noise, an upper bound).
 """
 
 from __future__ import annotations
@@ -18,15 +20,23 @@ import math
 import numpy as np
 import torch
 
-from ._grid_tables import SMN_GRID_KL
-
-_LOG_M1 = np.log([m - 1.0 for m, _ in SMN_GRID_KL])
-_LOG_KL = np.log([kl for _, kl in SMN_GRID_KL])
+from ._grid_tables import EXP_GRID_KL, SMN_GRID_KL
 
 
-def kl_grid_multiplier(kl_target: float) -> float:
-    """Variance ratio m of adjacent grid components whose worst-case KL is ``kl_target``."""
-    return 1.0 + math.exp(float(np.interp(math.log(kl_target), _LOG_KL, _LOG_M1)))
+def _interpolator(table):
+    log_m1 = np.log([m - 1.0 for m, _ in table])
+    log_kl = np.log([kl for _, kl in table])
+    return lambda target: 1.0 + math.exp(float(np.interp(math.log(target), log_kl, log_m1)))
+
+
+_SMN_RATIO = _interpolator(SMN_GRID_KL)
+_EXP_RATIO = _interpolator(EXP_GRID_KL)
+
+
+def kl_grid_multiplier(kl_target: float, family: str = "normal") -> float:
+    """Ratio m of adjacent grid components (variances for ``"normal"``, means for
+    ``"exponential"``) whose worst-case KL per observation is ``kl_target``."""
+    return (_SMN_RATIO if family == "normal" else _EXP_RATIO)(kl_target)
 
 
 def normal_mixture_scales(
@@ -58,18 +68,31 @@ def normal_mixture_scales(
 
 
 def exponential_mixture_scales(
-    x: torch.Tensor, s: torch.Tensor, *, mult: float = math.sqrt(2.0)
+    x: torch.Tensor,
+    s: torch.Tensor,
+    *,
+    kl_target: float | None = None,
+    mult: float | None = None,
+    max_k: int = 300,
 ) -> np.ndarray:
-    """Means of the exponential components, the first 0 (the point mass)."""
+    """Means of the exponential components, the first 0 (the point mass).
+
+    a_k = a_min m^k from a_min = min(s)/10 until a_max = max(2 sqrt(max(x_+^2 - s^2)),
+    8 a_min) is reached; m from ``kl_target`` (default 1/n) unless ``mult`` fixes it,
+    raised if needed so that K <= max_k.
+    """
     pos = x.clamp(min=0.0)
     stats = torch.stack([s.min(), (pos * pos - s * s).max()]).double().tolist()
     s_min, excess = stats
     a_min = s_min / 10.0
-    a_max = 2.0 * math.sqrt(max(excess, 0.0))
-    if a_max < 8.0 * a_min:
-        a_max = 8.0 * a_min
-    k = math.ceil(math.log(a_max / a_min) / math.log(mult))
-    return np.concatenate([[0.0], a_max * mult ** np.arange(-k, 1, dtype=np.float64)])
+    a_max = max(2.0 * math.sqrt(max(excess, 0.0)), 8.0 * a_min)
+    ratio = a_max / a_min
+    if mult is None:
+        target = kl_target if kl_target is not None else 1.0 / max(x.numel(), 1)
+        mult = kl_grid_multiplier(target, "exponential")
+    mult = max(mult, ratio ** (1.0 / max(max_k - 2, 1)) * (1 + 1e-12))
+    k = math.ceil(math.log(ratio) / math.log(mult) - 1e-9) + 1
+    return np.concatenate([[0.0], a_min * mult ** np.arange(k, dtype=np.float64)])
 
 
 def merge_grids(fresh: np.ndarray, old: np.ndarray, old_pi: np.ndarray) -> tuple:

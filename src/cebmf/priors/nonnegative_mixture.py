@@ -6,8 +6,6 @@ M(u) = exp(u^2/2) Phi(u), and posterior N(x - s^2/a_k, s^2) truncated to [0, inf
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._math import (
@@ -26,9 +24,11 @@ class NonnegativeMixture(MixturePrior):
     """``nonnegative_mixture``: a point mass plus a mixture of exponentials on a grid of
     means (NMF-like, nonnegative; the "exp" prior of cebmf_torch).
 
-    Grid: ashr's rule with ratio ``grid_mult`` (see
-    :func:`cebmf.priors._grids.exponential_mixture_scales`), or pass ``scale``. Weights:
-    maximum likelihood by mix-SQP. ``g`` holds ``pi``, ``scale`` (means), ``pi0``, ``mode``.
+    Grid: exponential means from min(s)/10 to ~2 max(x) in ratio m, with m from the KL
+    rule (``kl_target``, default 1/n; see
+    :func:`cebmf.priors._grids.exponential_mixture_scales`) or fixed by ``grid_mult``;
+    or pass ``scale``. Weights: maximum likelihood by mix-SQP. ``g`` holds ``pi``,
+    ``scale`` (means), ``pi0`` and ``mode``.
     """
 
     name = "nonnegative_mixture"
@@ -39,16 +39,24 @@ class NonnegativeMixture(MixturePrior):
         mode: float = 0.0,
         *,
         scale=None,
-        grid_mult: float = math.sqrt(2.0),
+        grid_mult: float | None = None,
+        kl_target: float | None = None,
+        max_k: int = 300,
         tol: float = 1e-8,
     ) -> None:
         super().__init__(mode, scale=scale, tol=tol)
-        if not grid_mult > 1:
+        if grid_mult is not None and not grid_mult > 1:
             raise ValueError(f"grid_mult must be > 1, got {grid_mult}.")
-        self.grid_mult = float(grid_mult)
+        if kl_target is not None and not kl_target > 0:
+            raise ValueError(f"kl_target must be > 0, got {kl_target}.")
+        self.grid_mult = grid_mult
+        self.kl_target = kl_target
+        self.max_k = int(max_k)
 
     def _fresh_grid(self, x, s):
-        return exponential_mixture_scales(x, s, mult=self.grid_mult)
+        return exponential_mixture_scales(
+            x, s, kl_target=self.kl_target, mult=self.grid_mult, max_k=self.max_k
+        )
 
     def _std(self, x, s, scale):
         slab = scale > 0
