@@ -102,7 +102,8 @@ class DenseData(DataMatrix):
         return self.values @ b
 
     def rmatmul(self, a):
-        return self.values.T @ a
+        # (a^T Y)^T reads Y row-major; Y.T @ a with several columns is ~3x slower on CPU
+        return (a.T @ self.values).T.contiguous()
 
 
 class SparseData(DataMatrix):

@@ -190,22 +190,26 @@ class Engine:
             self.resid = snap["resid"]
         self._ytl = self._yf = None
 
-    def extrapolate(self, prev: dict, beta: float) -> bool:
-        """Move the moments and precisions to ``cur + beta (cur - prev)`` (Ang and Gillis
-        2019, as flashier): a starting point for the next sweep, which then makes every
-        q an EBNM posterior again. Fixed sides stay. False if the shapes differ."""
+    def extrapolate(self, prev: dict, beta: float, cols: list[int] | None = None) -> bool:
+        """Move the moments (of factors ``cols``, default all) and the precisions to
+        ``cur + beta (cur - prev)`` (Ang and Gillis 2019, as flashier): a starting point
+        for the next updates, which then make every touched q an EBNM posterior again.
+        Fixed sides stay. False if the shapes differ from ``prev``."""
         for side in (self.loadings, self.factors):
-            old = prev[side.name]
-            if old["mean"].shape != side.mean.shape:
+            if prev[side.name]["mean"].shape != side.mean.shape:
                 return False
         for side in (self.loadings, self.factors):
             old = prev[side.name]
-            free = ~torch.as_tensor(side.fixed, dtype=torch.bool, device=side.mean.device)
+            move = ~torch.as_tensor(side.fixed, dtype=torch.bool, device=side.mean.device)
+            if cols is not None:
+                chosen = torch.zeros_like(move)
+                chosen[cols] = True
+                move &= chosen
             mean = side.mean + beta * (side.mean - old["mean"])
             mean2 = side.mean2 + beta * (side.mean2 - old["mean2"])
             mean2 = torch.maximum(mean2, mean * mean)
-            side.mean = torch.where(free, mean, side.mean)
-            side.mean2 = torch.where(free, mean2, side.mean2)
+            side.mean = torch.where(move, mean, side.mean)
+            side.mean2 = torch.where(move, mean2, side.mean2)
         self.a = torch.maximum(self.a + beta * (self.a - prev["a"]), 1e-3 * self.a)
         self.b = torch.maximum(self.b + beta * (self.b - prev["b"]), 1e-3 * self.b)
         if self.masked:
@@ -422,5 +426,5 @@ class Engine:
     def resid_rmatmul(self, u: torch.Tensor) -> torch.Tensor:
         """(Y - L F^T)^T @ u, u of shape (N, r)."""
         if self.masked:
-            return self.resid.T @ u
+            return (u.T @ self.resid).T
         return self.data.rmatmul(u) - self.factors.mean @ (self.loadings.mean.T @ u)

@@ -307,6 +307,8 @@ def _progress(enabled: bool):
 
 
 def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
+    """Add one factor from the residual's leading pair and iterate it alone; keep it if it
+    is non-zero and raises the ELBO."""
     k = engine.k
     prior_l, prior_f = choose_l[k], choose_f[k]
     elbo_before = engine.elbo()
@@ -316,19 +318,18 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
     snap = engine.snapshot()
     l0, f0 = pair
     engine.add_factor(l0, l0 * l0, f0, f0 * f0, prior_l, prior_f)
-    elbo = -math.inf
-    for _ in range(max_iter):
-        if not engine.update("loadings", k, engine.prepare("loadings", [k])) or engine.is_zero(k):
-            break
-        if not engine.update("factors", k, engine.prepare("factors", [k])) or engine.is_zero(k):
-            break
+
+    def step() -> list[int]:
+        for which in ("loadings", "factors"):
+            if not engine.update(which, k, engine.prepare(which, [k])) or engine.is_zero(k):
+                return [k]
         engine.update_noise()
-        new = engine.elbo()
-        done = new - elbo < tol
-        elbo = new
-        if done:
-            break
-    if engine.is_zero(k) or not elbo > elbo_before:
+        return []
+
+    # iterated to full convergence: a loosely converged factor can freeze a mixture of
+    # true factors that the backfit cannot undo (seen on make_data.py's counts case)
+    _, _, _, elbo, dead = _iterate(engine, step, tol, max_iter, cols=[k])
+    if dead or not elbo > elbo_before:
         engine.restore(snap)
         return False, elbo_before
     trace.append(elbo)
@@ -336,7 +337,8 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
 
 
 def _sweep(engine: Engine) -> list[int]:
-    """Update every loading, then every factor, then the noise. Returns dropped factors."""
+    """Update every loading, then every factor, then the noise. Removes and returns the
+    factors that became zero."""
     dead: set[int] = set()
     for which in ("loadings", "factors"):
         pre = engine.prepare(which)
@@ -355,40 +357,61 @@ def _sweep(engine: Engine) -> list[int]:
 _BETA_INIT, _BETA_UP, _BETA_DOWN, _BETA_MAX = 0.5, 1.2, 0.5, 2.0
 
 
-def _backfit(engine: Engine, tol, max_iter, trace, bar, extrapolate: bool = True):
-    """Sweeps until the ELBO gains less than ``tol``. With ``extrapolate``, each sweep
-    starts from cur + beta (cur - prev); it is kept only if it beats cur, else a plain
-    sweep from cur follows and beta shrinks (so the accepted ELBOs never decrease)."""
-    elbo = engine.elbo()
+def _iterate(engine: Engine, step, tol, max_iter, cols=None, on_step=None):
+    """Repeat ``step`` until the ELBO gains less than ``tol``, with extrapolation: each
+    step starts from cur + beta (cur - prev) and is kept only if it beats cur; otherwise a
+    plain step from cur follows and beta shrinks, so accepted ELBOs never decrease.
+
+    Returns ``(converged, reason, steps, elbo, dead)`` where ``dead`` lists factors that
+    the last step found zero (and, for sweeps, removed).
+    """
+    elbo = -math.inf
     prev = None
     beta = _BETA_INIT / _BETA_UP
-    for sweep in range(1, max_iter + 1):
-        cur = engine.snapshot() if extrapolate else None
-        dead: list[int] = []
+    dead: list[int] = []
+    for it in range(1, max_iter + 1):
+        cur = engine.snapshot()
         new = -math.inf
-        if prev is not None and engine.extrapolate(prev, beta):
-            dead = _sweep(engine)
+        if prev is not None and elbo > -math.inf and engine.extrapolate(prev, beta, cols):
+            dead = step()
             new = engine.elbo()
-            if new > elbo:
+            if new > elbo and not dead:
                 beta = min(beta * _BETA_UP, _BETA_MAX)
             else:
                 engine.restore(cur)
                 beta *= _BETA_DOWN
                 new = -math.inf
         if new == -math.inf:
-            dead = _sweep(engine)
+            dead = step()
             new = engine.elbo()
         prev = cur
-        trace.append(new)
-        bar.update(1)
-        bar.set_postfix_str(f"K={engine.k} ELBO={new:.6g}")
-        logger.info("backfit sweep %d: K=%d, ELBO %.10g", sweep, engine.k, new)
-        if new - elbo < tol and not dead:
-            return True, "converged", sweep
+        if on_step is not None:
+            on_step(it, new)
+        if dead:
+            return True, "factor became zero", it, new, dead
+        if new - elbo < tol:
+            return True, "converged", it, new, dead
         elbo = new
-        if engine.k == 0:
-            return True, "no factors left", sweep
-    return False, "max_iter", max_iter
+    return False, "max_iter", max_iter, elbo, dead
+
+
+def _backfit(engine: Engine, tol, max_iter, trace, bar):
+    def on_step(it, elbo):
+        trace.append(elbo)
+        bar.update(1)
+        bar.set_postfix_str(f"K={engine.k} ELBO={elbo:.6g}")
+        logger.info("backfit sweep %d: K=%d, ELBO %.10g", it, engine.k, elbo)
+
+    total = 0
+    while True:
+        converged, reason, steps, _, dead = _iterate(
+            engine, lambda: _sweep(engine), tol, max_iter - total, on_step=on_step
+        )
+        total += steps
+        if not dead or engine.k == 0 or total >= max_iter:
+            if engine.k == 0:
+                reason = "no factors left"
+            return converged, reason, total
 
 
 def _nullcheck(engine: Engine, trace) -> bool:

@@ -14,7 +14,7 @@ from .engine import Engine
 
 
 def _orth(m: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(m.to(torch.float64))[0].to(m.dtype)
+    return torch.linalg.qr(m.to(torch.float64))[0].to(m.dtype).contiguous()
 
 
 def leading_pair(

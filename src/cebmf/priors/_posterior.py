@@ -55,12 +55,22 @@ def combine(
 
 def summarize(parts: list[tuple[torch.Tensor, ...]], shift: float = 0.0) -> PosteriorSummary:
     """Summaries from a short list of pieces ``(log_weight, mean, var, p_le, p_ge)``, each
-    an (n,) tensor (or broadcastable), with ``log_weight`` unnormalised."""
-    cols = [torch.stack(torch.broadcast_tensors(*c)) for c in zip(*parts, strict=True)]
-    log_w = cols[0]
-    log_marginal = torch.logsumexp(log_w, dim=0)
-    resp = exp_flushed(log_w - log_marginal)
-    return combine(resp, *cols[1:], log_marginal=log_marginal, shift=shift)
+    an (n,) tensor (or broadcastable), with ``log_weight`` unnormalised.
+
+    Works piece by piece (no stacking): the same formulas as :func:`combine`.
+    """
+    log_marginal = parts[0][0]
+    for part in parts[1:]:
+        log_marginal = torch.logaddexp(log_marginal, part[0])
+    resp = [exp_flushed(part[0] - log_marginal) for part in parts]
+    m = sum(r * part[1] for r, part in zip(resp, parts, strict=True))
+    v = sum(r * (part[2] + (part[1] - m) ** 2) for r, part in zip(resp, parts, strict=True))
+    v = v.clamp(min=0.0)
+    p_le = sum(r * part[3] for r, part in zip(resp, parts, strict=True))
+    p_ge = sum(r * part[4] for r, part in zip(resp, parts, strict=True))
+    lfsr = torch.minimum(p_le, p_ge).clamp(0.0, 1.0)
+    m = m + shift
+    return PosteriorSummary(m, m * m + v, torch.sqrt(v), lfsr, log_marginal)
 
 
 def chunked(fn: Callable[[int, int], PosteriorSummary], n: int, k: int, budget: int = 1 << 23):

@@ -233,7 +233,8 @@ class SpikeSlabPrior(Prior):
         dims = np.array([self.has_spike, True])
         max_step = np.array([1.0, 3.0])
         f, grad, hess = self._objective(data, *v, True)
-        tol = 1e-11 * max(data.n, 1) + 1e-13 * abs(f)
+        n = max(data.n, 1)
+        tol = 1e-10 * n + 1e-13 * abs(f)
         for _ in range(self.max_iter):
             free = dims & ~(((v <= lo) & (grad < 0)) | ((v >= hi) & (grad > 0)))
             if not free.any():
@@ -248,6 +249,9 @@ class SpikeSlabPrior(Prior):
             pred = float(grad @ step)
             if not np.isfinite(pred) or pred < tol:
                 break
+            # Newton converges quadratically: after a step predicted to gain < 1e-7 n, what
+            # is left is negligible, so accept it on the objective alone and stop
+            last = pred < 1e-7 * n
             scale = np.max(np.abs(step) / max_step)
             if scale > 1:
                 step /= scale
@@ -255,7 +259,7 @@ class SpikeSlabPrior(Prior):
             accepted = False
             for trial in range(40):
                 cand = np.clip(v + t * step, lo, hi)
-                if trial == 0:
+                if trial == 0 and not last:
                     fc, gc, hc = self._objective(data, *cand, True)
                 else:
                     fc = self._objective(data, *cand, False)[0]
@@ -267,6 +271,8 @@ class SpikeSlabPrior(Prior):
                 break
             gain = fc - f
             v, f = cand, fc
+            if last:
+                break
             if trial == 0:
                 grad, hess = gc, hc
             else:
