@@ -44,11 +44,12 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
+
+from _memory import PeakMemory
 
 NONNEGATIVE = {"point_exponential", "nonnegative_mixture", "generalized_binary"}
 MIXTURES = {"normal_scale_mixture", "nonnegative_mixture"}
@@ -73,65 +74,6 @@ def simulate(n: int, seed: int, nonneg: bool, hetero: bool, dtype):
     return x_t, s_t
 
 
-def _proc_status() -> dict[str, int] | None:
-    try:
-        with open("/proc/self/status") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    out = {}
-    for key in ("VmRSS", "VmHWM"):
-        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
-        if m is None:
-            return None
-        out[key] = int(m.group(1)) * 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-
-
-class PeakMemory:
-    """Peak RSS increase over a block of code (see the module docstring)."""
-
-    def __enter__(self):
-        self.method = None
-        status = _proc_status()
-        if status is not None and _reset_peak():
-            status = _proc_status()
-            self.method, self.before = "vmhwm", status["VmRSS"]
-        else:
-            before = _maxrss_bytes()
-            if before is not None:
-                self.method, self.before = "maxrss", before
-        return self
-
-    def __exit__(self, *exc):
-        if self.method == "vmhwm":
-            self.peak_bytes = _proc_status()["VmHWM"] - self.before
-        elif self.method == "maxrss":
-            self.peak_bytes = _maxrss_bytes() - self.before
-        else:
-            self.peak_bytes = None
-        return False
-
-
-# --------------------------------------------------------------------------------- EM
 def likelihood_matrix(family: str, x, s, scales):
     """(K, n) float64 matrix exp(log p_k(x_i) - max_k log p_k(x_i)) and the column maxima.
 

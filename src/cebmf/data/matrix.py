@@ -110,22 +110,25 @@ class SparseData(DataMatrix):
     """A sparse matrix (absent entries are zeros, never missing) as two int32 CSRs."""
 
     def __init__(self, mat: sp.spmatrix, dtype: torch.dtype, device: torch.device) -> None:
-        csr = sp.csr_matrix(mat)
-        csr.sum_duplicates()
-        csr.sort_indices()
+        csr = sp.csr_matrix(mat)  # shares the arrays of a CSR input
+        if not csr.has_canonical_format:
+            csr = csr.copy()  # sorting / summing duplicates must not touch the caller's
+            csr.sum_duplicates()
         self.shape = (int(csr.shape[0]), int(csr.shape[1]))
         self.dtype, self.device = dtype, device
         self.csr = _torch_csr(csr, dtype, device)
         self.csr_t = _torch_csr(csr.T.tocsr(), dtype, device)
         self.nnz = int(csr.nnz)
-        sq = csr.multiply(csr) if csr.nnz else csr
-        self.row_sq = torch.as_tensor(
-            np.asarray(sq.sum(1), dtype=np.float64).ravel(), device=device
-        )
-        self.col_sq = torch.as_tensor(
-            np.asarray(sq.sum(0), dtype=np.float64).ravel(), device=device
-        )
         n, p = self.shape
+        sq = np.square(csr.data, dtype=np.float64)
+        row_sq = np.zeros(n)
+        rows = np.flatnonzero(np.diff(csr.indptr))
+        if rows.size:
+            row_sq[rows] = np.add.reduceat(sq, csr.indptr[rows])
+        col_sq = np.bincount(csr.indices, weights=sq, minlength=p).astype(np.float64)
+        del sq
+        self.row_sq = torch.as_tensor(row_sq, device=device)
+        self.col_sq = torch.as_tensor(col_sq, device=device)
         self.n_obs_row = torch.full((n,), float(p), dtype=_F64, device=device)
         self.n_obs_col = torch.full((p,), float(n), dtype=_F64, device=device)
 

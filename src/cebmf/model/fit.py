@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -268,6 +269,8 @@ def fit_ebmf(
     n_learned = engine.k - sum(
         any(fx) for fx in zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
     )
+    timing = {"greedy_s": 0.0, "backfit_s": 0.0, "nullcheck_s": 0.0}
+    clock = time.perf_counter()
     if greedy:
         while n_learned < cap:
             added, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace)
@@ -276,15 +279,23 @@ def fit_ebmf(
                 break
             n_learned += 1
             logger.info("greedy: factor %d added, ELBO %.6g", engine.k, elbo)
+    timing["greedy_s"] = time.perf_counter() - clock
     converged, stop, n_iter = True, "greedy only", 0
     while True:
+        clock = time.perf_counter()
         if backfit and engine.k:
             converged, stop, sweeps = _backfit(engine, tol, max_iter, trace, bar)
             n_iter += sweeps
-        if not nullcheck or not _nullcheck(engine, trace) or not backfit:
+        timing["backfit_s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        dropped = nullcheck and _nullcheck(engine, trace)
+        timing["nullcheck_s"] += time.perf_counter() - clock
+        if not dropped or not backfit:
             break
     bar.close()
-    return _result(engine, trace, converged, stop, n_iter)
+    res = _result(engine, trace, converged, stop, n_iter)
+    res.timing = timing
+    return res
 
 
 def _progress(enabled: bool):

@@ -45,6 +45,8 @@ class EBMFResult:
         Per factor, ``(loadings fixed, factors fixed)``.
     converged, stop_reason, n_iter
         Whether the last backfit converged, why the fit stopped, and backfit sweeps run.
+    timing
+        Seconds spent in the greedy stage, the backfit and the nullcheck.
     """
 
     L: np.ndarray
@@ -63,6 +65,7 @@ class EBMFResult:
     converged: bool
     stop_reason: str
     n_iter: int
+    timing: dict[str, float] = field(default_factory=dict)
     ebnm_inputs: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
