@@ -104,12 +104,23 @@ def truncnorm_moments(
 def normal_sign_probs(
     mean: torch.Tensor, sd: torch.Tensor, c: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P(theta <= c), P(theta >= c))`` for theta ~ N(mean, sd^2); sd = 0 is a point mass."""
+    """``(P(theta <= c), P(theta >= c))`` for theta ~ N(mean, sd^2); sd = 0 is a point mass.
+
+    One tail, Phi(-|z|), is computed (accurate when tiny); the other is 1 minus it.
+    """
     point = sd <= 0
-    safe_sd = torch.where(point, torch.ones_like(sd), sd)
-    z = (c - mean) / safe_sd
-    p_le = torch.where(point, (mean <= c).to(mean.dtype), ndtr(z))
-    p_ge = torch.where(point, (mean >= c).to(mean.dtype), ndtr(-z))
+    has_point = bool(point.any())
+    if has_point:
+        sd = torch.where(point, torch.ones_like(sd), sd)
+    z = (c - mean) / sd
+    small = ndtr(-z.abs())
+    big = 1.0 - small
+    below = z < 0
+    p_le = torch.where(below, small, big)
+    p_ge = torch.where(below, big, small)
+    if has_point:
+        p_le = torch.where(point, (mean <= c).to(mean.dtype), p_le)
+        p_ge = torch.where(point, (mean >= c).to(mean.dtype), p_ge)
     return p_le, p_ge
 
 
@@ -127,10 +138,11 @@ def truncnorm_sign_probs(
     return -torch.expm1(log_ratio), exp_flushed(log_ratio.clone())
 
 
-def point_sign_probs(
-    like: torch.Tensor, location: float = 0.0, c: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def point_sign_probs(location: float = 0.0, c: float = 0.0) -> tuple[float, float]:
     """``(P(theta <= c), P(theta >= c))`` for a point mass at ``location``."""
-    p_le = torch.full_like(like, 1.0 if location <= c else 0.0)
-    p_ge = torch.full_like(like, 1.0 if location >= c else 0.0)
-    return p_le, p_ge
+    return (1.0 if location <= c else 0.0), (1.0 if location >= c else 0.0)
+
+
+def exp_any(v):
+    """exp of a Python float (math) or a tensor (torch)."""
+    return math.exp(v) if isinstance(v, float | int) else torch.exp(v)

@@ -53,9 +53,10 @@ def combine(
     return PosteriorSummary(m, m * m + v, torch.sqrt(v), lfsr, log_marginal)
 
 
-def summarize(parts: list[tuple[torch.Tensor, ...]], shift: float = 0.0) -> PosteriorSummary:
-    """Summaries from a short list of pieces ``(log_weight, mean, var, p_le, p_ge)``, each
-    an (n,) tensor (or broadcastable), with ``log_weight`` unnormalised.
+def summarize(parts: list[tuple], shift: float = 0.0) -> PosteriorSummary:
+    """Summaries from a short list of pieces ``(log_weight, mean, var, p_le, p_ge)`` with
+    ``log_weight`` an unnormalised (n,) tensor and the rest (n,) tensors (or broadcastable);
+    a point mass at 0 may give ``mean = var = None`` and float sign probabilities.
 
     Works piece by piece (no stacking): the same formulas as :func:`combine`.
     """
@@ -63,8 +64,15 @@ def summarize(parts: list[tuple[torch.Tensor, ...]], shift: float = 0.0) -> Post
     for part in parts[1:]:
         log_marginal = torch.logaddexp(log_marginal, part[0])
     resp = [exp_flushed(part[0] - log_marginal) for part in parts]
-    m = sum(r * part[1] for r, part in zip(resp, parts, strict=True))
-    v = sum(r * (part[2] + (part[1] - m) ** 2) for r, part in zip(resp, parts, strict=True))
+    moving = [(r, part) for r, part in zip(resp, parts, strict=True) if part[1] is not None]
+    m = sum(r * part[1] for r, part in moving)
+    v = torch.zeros_like(log_marginal) if not isinstance(m, torch.Tensor) else m * 0.0
+    for r, part in zip(resp, parts, strict=True):
+        if part[1] is None:
+            v = v + r * (m * m)
+        else:
+            dev = part[1] - m
+            v = v + r * (part[2] + dev * dev)
     v = v.clamp(min=0.0)
     p_le = sum(r * part[3] for r, part in zip(resp, parts, strict=True))
     p_ge = sum(r * part[4] for r, part in zip(resp, parts, strict=True))

@@ -36,6 +36,13 @@ _PI0_EPS = 1e-12  # pi0 box of the interior search; the exact edges are checked 
 _SUBSAMPLE = 20_000  # observations used to pick a starting point on cold starts
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) accumulated in float64."""
+    if a.dtype == torch.float64:
+        return torch.dot(a, b)
+    return torch.dot(a.double(), b.double())
+
+
 def _log(v: float) -> float:
     return math.log(v) if v > 0 else -math.inf
 
@@ -67,13 +74,15 @@ class SpikeSlabPrior(Prior):
 
     # ---- family hooks -------------------------------------------------------------
     @abstractmethod
-    def _slab_loglik(self, x: torch.Tensor, s: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-        """log int N(x_i; theta, s_i^2) slab(theta; eta) dtheta, per observation."""
+    def _slab_loglik(self, x: torch.Tensor, s: torch.Tensor, eta) -> torch.Tensor:
+        """log int N(x_i; theta, s_i^2) slab(theta; eta) dtheta, per observation. ``eta`` is
+        a float (or a 0-dim tensor in the autodiff fallback; use :func:`exp_any`)."""
 
     def _slab_derivs(
         self, x: torch.Tensor, s: torch.Tensor, eta: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slab log marginal and its first two derivatives in eta, per observation."""
+        eta = torch.as_tensor(eta, dtype=x.dtype, device=x.device)
         one = torch.ones_like(eta)
 
         def first(e: torch.Tensor):
@@ -133,11 +142,10 @@ class SpikeSlabPrior(Prior):
         f64 = torch.float64
         if self.has_spike and pi0 == 1.0 and not derivs:  # the null: no slab
             return data.l0.sum(dtype=f64).item(), None, None
-        eta_t = torch.tensor(eta, dtype=data.x.dtype, device=data.x.device)
         if derivs:
-            l1, d1, d2 = self._slab_derivs(data.x, data.s, eta_t)
+            l1, d1, d2 = self._slab_derivs(data.x, data.s, eta)
         else:
-            l1 = self._slab_loglik(data.x, data.s, eta_t)
+            l1 = self._slab_loglik(data.x, data.s, eta)
         if not self.has_spike or pi0 == 0.0:
             if not derivs:
                 return l1.sum(dtype=f64).item(), None, None
@@ -151,14 +159,15 @@ class SpikeSlabPrior(Prior):
         e1 = exp_flushed(l1 - ll)
         r1 = (1.0 - pi0) * e1
         diff = e0 - e1
+        r1d1 = r1 * d1
         sums = torch.stack(
             [
                 ll.sum(dtype=f64),
                 diff.sum(dtype=f64),
-                (diff * diff).sum(dtype=f64),
-                (r1 * d1).sum(dtype=f64),
-                (e0 * e1 * d1).sum(dtype=f64),
-                (r1 * d2 + r1 * (1.0 - r1) * d1 * d1).sum(dtype=f64),
+                _dot(diff, diff),
+                r1d1.sum(dtype=f64),
+                _dot(e0 * e1, d1),
+                _dot(r1, d2) + _dot(r1d1 - r1d1 * r1, d1),
             ]
         ).tolist()
         f, g_p, h_pp, g_e, h_pe, h_ee = sums
@@ -284,16 +293,13 @@ class SpikeSlabPrior(Prior):
     # ---- results ------------------------------------------------------------------
     def _result(self, data: _Data, theta: tuple[float, float]) -> EBNMResult:
         pi0, eta = theta
-        eta_t = torch.tensor(eta, dtype=data.x.dtype, device=data.x.device)
         c = -self.mode
         lw1 = math.log1p(-pi0) if pi0 < 1.0 else -math.inf
         parts = []
-        for lw, mean, var, p_le, p_ge in self._slab_pieces(data.x, data.s, eta_t, c):
+        for lw, mean, var, p_le, p_ge in self._slab_pieces(data.x, data.s, eta, c):
             parts.append((lw + lw1, mean, var, p_le, p_ge))
         if self.has_spike:
-            zero = torch.zeros_like(data.x)
-            p_le, p_ge = point_sign_probs(zero, 0.0, c)
-            parts.insert(0, (data.l0 + _log(pi0), zero, zero, p_le, p_ge))
+            parts.insert(0, (data.l0 + _log(pi0), None, None, *point_sign_probs(0.0, c)))
         post = summarize(parts, shift=self.mode)
         loglik = post.log_marginal.sum(dtype=torch.float64).item()
         g: dict[str, Any] = {"family": self.name, "mode": self.mode}

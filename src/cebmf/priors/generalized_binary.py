@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._math import (
+    exp_any,
     log_normal_pdf,
     std_truncnorm_moments,
     truncnorm_moments,
@@ -46,7 +47,7 @@ class GeneralizedBinary(SpikeSlabPrior):
         )
 
     def _moments(self, x, s, eta):
-        mu = torch.exp(eta)
+        mu = exp_any(eta)
         sigma2 = (self.ratio * mu) ** 2
         s2 = s * s
         tot = sigma2 + s2
@@ -67,7 +68,7 @@ class GeneralizedBinary(SpikeSlabPrior):
         # A = -log(2 pi V)/2, B = -e^2/(2V), C = log Phi(z), z = (x r^2 mu + s^2)/(r s sqrt V);
         # with h = phi(z)/Phi(z) = delta - z and h' = var - 1 from the standard normal
         # truncated to [-z, inf) (no cancellation for z << 0).
-        mu = torch.exp(eta)
+        mu = exp_any(eta)
         sigma2 = (self.ratio * mu) ** 2
         t = s * s
         big_v = sigma2 + t

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .._math import log_normal_pdf, normal_sign_probs
+from .._math import exp_any, log_normal_pdf, normal_sign_probs
 from ._spike_slab import SpikeSlabPrior
 from .base import register_prior
 
@@ -22,21 +22,21 @@ class _NormalSlab(SpikeSlabPrior):
     slab_m2 = 1.0
 
     def _slab_loglik(self, x, s, eta):
-        return log_normal_pdf(x, s * s + torch.exp(2.0 * eta))
+        return log_normal_pdf(x, s * s + exp_any(2.0 * eta))
 
     def _slab_derivs(self, x, s, eta):
         # d/deta with q = sigma^2 / v, z = x^2 / v:
         # d1 = q (z - 1),  d2 = 2 q (z - 1 - 2 z q + q)
-        v = s * s + torch.exp(2.0 * eta)
-        q = torch.exp(2.0 * eta) / v
+        v = s * s + exp_any(2.0 * eta)
+        q = exp_any(2.0 * eta) / v
         z = x * x / v
         l1 = log_normal_pdf(x, v)
         return l1, q * (z - 1.0), 2.0 * q * (z - 1.0 - 2.0 * z * q + q)
 
     def _slab_pieces(self, x, s, eta, c):
         s2 = s * s
-        v = s2 + torch.exp(2.0 * eta)
-        q = torch.exp(2.0 * eta) / v
+        v = s2 + exp_any(2.0 * eta)
+        q = exp_any(2.0 * eta) / v
         mean = q * x
         var = (q * s2).expand_as(x)
         return [(log_normal_pdf(x, v), mean, var, *normal_sign_probs(mean, torch.sqrt(var), c))]

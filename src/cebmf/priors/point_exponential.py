@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from .._math import log_scaled_ndtr, std_truncnorm_moments, truncnorm_sign_probs
+from .._math import exp_any, log_scaled_ndtr, std_truncnorm_moments, truncnorm_sign_probs
 from ._spike_slab import SpikeSlabPrior
 from .base import register_prior
 
@@ -29,11 +27,11 @@ class PointExponential(SpikeSlabPrior):
     slab_m2 = 2.0
 
     def _slab_loglik(self, x, s, eta):
-        u = x / s - torch.exp(-eta) * s
+        u = x / s - exp_any(-eta) * s
         return -eta - 0.5 * (x / s) ** 2 + log_scaled_ndtr(u)
 
     def _slab_derivs(self, x, s, eta):
-        lam_s = torch.exp(-eta) * s
+        lam_s = exp_any(-eta) * s
         u = x / s - lam_s
         l1 = -eta - 0.5 * (x / s) ** 2 + log_scaled_ndtr(u)
         delta, var = std_truncnorm_moments(-u)
@@ -42,7 +40,7 @@ class PointExponential(SpikeSlabPrior):
         return l1, d1, d2
 
     def _slab_pieces(self, x, s, eta, c):
-        u = x / s - torch.exp(-eta) * s
+        u = x / s - exp_any(-eta) * s
         l1 = -eta - 0.5 * (x / s) ** 2 + log_scaled_ndtr(u)
         s = s.expand_as(x)
         delta, var = std_truncnorm_moments(-u)

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from .._math import exp_flushed, log_scaled_ndtr, std_truncnorm_moments, truncnorm_sign_probs
+from .._math import (
+    exp_any,
+    exp_flushed,
+    log_scaled_ndtr,
+    std_truncnorm_moments,
+    truncnorm_sign_probs,
+)
 from ._spike_slab import SpikeSlabPrior
 from .base import register_prior
 
@@ -32,7 +38,7 @@ class PointLaplace(SpikeSlabPrior):
     slab_m2 = 2.0
 
     def _halves(self, x, s, eta):
-        lam_s = torch.exp(-eta) * s
+        lam_s = exp_any(-eta) * s
         u_pos = x / s - lam_s
         u_neg = -x / s - lam_s
         base = -eta - math.log(2.0) - 0.5 * (x / s) ** 2
