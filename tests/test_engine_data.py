@@ -37,9 +37,7 @@ def test_pbmc_facs_loadings_separate_cell_types():
     for major in ["CD19+ B", "CD14+ Monocyte", "CD56+ NK", "CD34+"]:
         others = means.drop(index=major)
         # factor signs are arbitrary (l f^T = (-l)(-f)^T): look at both
-        margins = [
-            (sign * means.loc[major] - (sign * others).max()) / sd for sign in (1.0, -1.0)
-        ]
+        margins = [(sign * means.loc[major] - (sign * others).max()) / sd for sign in (1.0, -1.0)]
         best = float(np.max(np.maximum(*margins)))
         assert best > 1.0, (major, best)
 
@@ -72,8 +70,7 @@ def test_sparse_fit_never_allocates_a_dense_matrix():
     )
     if not sys.platform.startswith("linux"):
         pytest.skip("the peak-memory guard reads /proc (Linux only)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     dense_bytes = 50_000 * 2_000 * 8
     assert info["k"] >= 0

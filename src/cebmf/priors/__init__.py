@@ -6,6 +6,9 @@ A new family is one new module with a :class:`Prior` subclass decorated by
 """
 
 from .base import EBNMResult, Prior, available_priors, get_prior, register_prior
+from .cash import Cash
+from .cgb import Cgb
+from .emdn import Emdn, SpikedEmdn
 from .flat import Flat
 from .generalized_binary import GeneralizedBinary
 from .nonnegative_mixture import NonnegativeMixture
@@ -15,7 +18,10 @@ from .point_laplace import PointLaplace
 from .scale_mixture import NormalScaleMixture
 
 __all__ = [
+    "Cash",
+    "Cgb",
     "EBNMResult",
+    "Emdn",
     "Flat",
     "GeneralizedBinary",
     "NonnegativeMixture",
@@ -25,6 +31,7 @@ __all__ = [
     "PointLaplace",
     "PointNormal",
     "Prior",
+    "SpikedEmdn",
     "available_priors",
     "get_prior",
     "register_prior",

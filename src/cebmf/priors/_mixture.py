@@ -70,7 +70,7 @@ class MixturePrior(Prior):
             )
         return self._fresh_grid(xs, s), None
 
-    def _fit(self, x, s, *, state, g_init, fix_g) -> EBNMResult:
+    def _fit(self, x, s, *, covariates=None, state, g_init, fix_g) -> EBNMResult:
         xs = x - self.mode if self.mode != 0.0 else x
         scales, pi_start = self._grid_and_start(xs, s, state, g_init)
         dev, dt = x.device, x.dtype

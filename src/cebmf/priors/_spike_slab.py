@@ -113,7 +113,7 @@ class SpikeSlabPrior(Prior):
         return math.log(s_min * 1e-3), math.log(10.0 * (x_max + s_max))
 
     # ---- fitting ------------------------------------------------------------------
-    def _fit(self, x, s, *, state, g_init, fix_g) -> EBNMResult:
+    def _fit(self, x, s, *, covariates=None, state, g_init, fix_g) -> EBNMResult:
         xs = x - self.mode if self.mode != 0.0 else x
         data = _Data(xs, s, log_normal_pdf(xs, s * s) if self.has_spike else None, x.numel())
         if g_init is not None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .._threads import threads_for
+from .._validation import check_finite
 
 
 @dataclass
@@ -100,12 +101,40 @@ class Prior(ABC):
                 f"prior {self.name!r} does not use covariates, but covariates were given; "
                 "pass covariates=None or choose a covariate-moderated prior family."
             )
+        if self.uses_covariates:
+            covariates = self._check_covariates(covariates, x)
         if g_init is not None:
             self.check_g(g_init, "g_init")
         if fix_g and g_init is None:
             raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
         with threads_for(x.numel(), x.device):
-            return self._fit(x, s, state=state, g_init=g_init, fix_g=fix_g)
+            return self._fit(x, s, covariates=covariates, state=state, g_init=g_init, fix_g=fix_g)
+
+    def _check_covariates(self, covariates, x: torch.Tensor) -> torch.Tensor:
+        if covariates is None:
+            raise ValueError(
+                f"prior {self.name!r} needs covariates (one row per observation): pass "
+                "covariates= to cebmf.ebnm, or X_l / X_f to fit_ebmf."
+            )
+        if isinstance(covariates, torch.Tensor):
+            cov = covariates.detach()
+        else:
+            arr = np.asarray(covariates)
+            if arr.dtype == object or arr.dtype.kind not in "biuf":
+                raise TypeError(f"covariates must be numeric, got an array of dtype {arr.dtype}.")
+            cov = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64))
+        if cov.is_complex():
+            raise TypeError("covariates must be real numbers.")
+        if cov.ndim == 1:
+            cov = cov[:, None]
+        if cov.ndim != 2 or cov.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"covariates must have one row per observation ({x.shape[0]}), got shape "
+                f"{tuple(cov.shape)}."
+            )
+        cov = cov.to(device=x.device, dtype=x.dtype)
+        check_finite(cov.reshape(-1), "covariates")
+        return cov
 
     @abstractmethod
     def _fit(
@@ -113,6 +142,7 @@ class Prior(ABC):
         x: torch.Tensor,
         s: torch.Tensor,
         *,
+        covariates: torch.Tensor | None,
         state: dict[str, Any] | None,
         g_init: dict[str, Any] | None,
         fix_g: bool,

@@ -25,7 +25,7 @@ class Flat(Prior):
         if self.mode != 0.0:
             raise ValueError("mode has no meaning for the flat prior; leave mode=0.")
 
-    def _fit(self, x, s, *, state, g_init, fix_g) -> EBNMResult:
+    def _fit(self, x, s, *, covariates=None, state, g_init, fix_g) -> EBNMResult:
         sd = s.expand_as(x).clone()
         p_le, p_ge = normal_sign_probs(x, sd, 0.0)
         return EBNMResult(

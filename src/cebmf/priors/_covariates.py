@@ -1,0 +1,315 @@
+"""Shared machinery of the covariate-moderated prior families.
+
+A covariate prior g(theta; x_i) is a small network of the (standardised) covariates x_i
+whose outputs parametrise a mixture. Its parameters maximise the same marginal
+log-likelihood as the plain families,
+
+    l(params) = sum_i log int N(y_i; theta, s_i^2) g(theta; x_i, params) dtheta,
+
+by full-batch L-BFGS on the data's device. The network starts either from the warm state
+of the previous call, or (cold) from the matching plain prior's fit, with output weights 0
+and output biases reproducing that prior exactly, so the fit is never worse than the plain
+prior. The best parameters seen (by exact log-likelihood) are returned, so a warm-started
+call never lowers the log-likelihood of its starting point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from abc import abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._math import exp_flushed
+from ._posterior import chunked, combine
+from .base import EBNMResult, Prior
+
+logger = logging.getLogger("cebmf")
+
+
+class CovariateNet(nn.Module):
+    """MLP: d covariates -> ``hidden`` tanh layers -> ``out`` outputs (linear if none)."""
+
+    def __init__(self, d: int, hidden: tuple[int, ...], out: int) -> None:
+        super().__init__()
+        sizes = [d, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.out = nn.Linear(sizes[-1], out)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            z = torch.tanh(layer(z))
+        return self.out(z)
+
+
+def standardize(cov: torch.Tensor, stats: dict | None = None):
+    """Centre and scale covariates; constant columns are dropped (they carry nothing).
+
+    Returns ``(z, stats)`` with stats = {"mean", "sd", "keep"} (numpy) for reuse.
+    """
+    if stats is None:
+        c64 = cov.to(torch.float64)
+        mean = c64.mean(0)
+        sd = c64.std(0, unbiased=False) if cov.shape[0] > 1 else torch.zeros_like(mean)
+        keep = (sd > 1e-12 * (mean.abs() + 1.0)).cpu().numpy()
+        stats = {"mean": mean.cpu().numpy(), "sd": sd.cpu().numpy(), "keep": keep}
+        if not keep.all():
+            logger.info("covariates: %d constant column(s) dropped", int((~keep).sum()))
+    keep = torch.as_tensor(stats["keep"], device=cov.device)
+    mean = torch.as_tensor(stats["mean"], dtype=cov.dtype, device=cov.device)[keep]
+    sd = torch.as_tensor(stats["sd"], dtype=cov.dtype, device=cov.device)[keep]
+    return (cov[:, keep] - mean) / sd, stats
+
+
+def _load_network(net: CovariateNet, weights: dict) -> None:
+    """Load saved weights; output rows the saved network lacks (components added to a
+    grid since) get weight 0 and bias -30, i.e. no prior weight."""
+    ref = net.state_dict()
+    new = {}
+    for key, value in weights.items():
+        v = torch.as_tensor(np.asarray(value), dtype=ref[key].dtype, device=ref[key].device)
+        if v.shape != ref[key].shape:
+            if not key.startswith("out.") or v.shape[1:] != ref[key].shape[1:]:
+                raise ValueError(
+                    f"the saved network does not fit these covariates ({key}: "
+                    f"{tuple(v.shape)} vs {tuple(ref[key].shape)})."
+                )
+            pad = torch.full(
+                (ref[key].shape[0] - v.shape[0], *v.shape[1:]),
+                -30.0 if key == "out.bias" else 0.0,
+                dtype=v.dtype,
+                device=v.device,
+            )
+            v = torch.cat([v, pad])
+        new[key] = v
+    net.load_state_dict(new)
+
+
+def net_to_numpy(net: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+
+
+class CovariatePrior(Prior):
+    """Base class: a network of the covariates parametrises a mixture prior.
+
+    Subclasses define the number of network outputs, the plain prior that initialises a
+    cold fit (:meth:`_plain_start`), the (K, n) log weights and posterior pieces given the
+    outputs (:meth:`_pieces`), and any global parameters (:meth:`_extra_params`).
+
+    Parameters
+    ----------
+    hidden
+        Sizes of the hidden layers; ``()`` (``hidden_layers=0``) is a linear model.
+    weight_decay
+        L2 penalty on the network weights (not the biases), per observation.
+    max_iter, warm_iter
+        L-BFGS iterations of a cold and of a warm-started call.
+    tol
+        Stop when an iteration gains less than ``tol * n`` log-likelihood.
+    seed
+        Seed of the initial network weights (the fit itself is deterministic).
+    """
+
+    uses_covariates = True
+
+    def __init__(
+        self,
+        mode: float = 0.0,
+        *,
+        hidden: tuple[int, ...] | int = (16,),
+        hidden_layers: int | None = None,
+        weight_decay: float = 1e-3,
+        max_iter: int = 100,
+        warm_iter: int = 20,
+        tol: float = 1e-9,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mode)
+        if isinstance(hidden, int):
+            hidden = (hidden,)
+        if hidden_layers is not None:
+            if hidden_layers < 0:
+                raise ValueError(f"hidden_layers must be >= 0, got {hidden_layers}.")
+            width = hidden[0] if hidden else 16
+            hidden = (width,) * hidden_layers
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden layer sizes must be positive, got {hidden}.")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+        self.hidden = tuple(int(h) for h in hidden)
+        self.weight_decay = float(weight_decay)
+        self.max_iter = int(max_iter)
+        self.warm_iter = int(warm_iter)
+        self.tol = float(tol)
+        self.seed = int(seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(mode={self.mode}, hidden={self.hidden}, "
+            f"weight_decay={self.weight_decay})"
+        )
+
+    # ---- family hooks ----------------------------------------------------------------
+    @abstractmethod
+    def _n_outputs(self, setup: dict) -> int:
+        """Number of network outputs."""
+
+    @abstractmethod
+    def _setup(self, x, s, state, g_init) -> dict:
+        """Fixed quantities of this call (grid, component log-likelihoods, ...)."""
+
+    @abstractmethod
+    def _plain_start(self, x, s, setup: dict) -> tuple[torch.Tensor, dict]:
+        """Output biases (and global parameters) reproducing the matching plain prior."""
+
+    @abstractmethod
+    def _log_weights(self, out: torch.Tensor, extra: dict, x, s, setup: dict) -> torch.Tensor:
+        """(K, n) log prior weight + log marginal of each piece, from network outputs."""
+
+    @abstractmethod
+    def _posterior_pieces(self, out, extra, x, s, setup, c: float) -> tuple:
+        """``(mean, var, p_le, p_ge)`` of each piece, (K, n) or broadcastable."""
+
+    @abstractmethod
+    def _g_entries(self, out, extra, setup) -> dict[str, Any]:
+        """Family-specific entries of the fitted ``g``."""
+
+    def _extra_init(self, setup: dict, start: dict) -> dict[str, torch.Tensor]:
+        """Global (non-network) parameters, as tensors to optimise."""
+        return {}
+
+    # ---- fitting --------------------------------------------------------------------
+    def _build(self, d: int, k: int, dtype, device) -> CovariateNet:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            net = CovariateNet(d, self.hidden, k)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return net.to(device=device, dtype=dtype)
+
+    def _fit(self, x, s, *, covariates, state, g_init, fix_g) -> EBNMResult:
+        cov = covariates
+        xs = x - self.mode if self.mode != 0.0 else x
+        warm = g_init if g_init is not None else state
+        setup = self._setup(xs, s, warm, g_init)
+        z, stats = standardize(cov, None if warm is None else warm.get("covariate_stats"))
+        n_out = self._n_outputs(setup)
+        net = self._build(z.shape[1], n_out, x.dtype, x.device)
+        if warm is not None and "network" in warm:
+            _load_network(net, warm["network"])
+            extra = {
+                k: torch.as_tensor(v, dtype=x.dtype, device=x.device).clone()
+                for k, v in warm.get("extra", {}).items()
+            }
+            n_iter = self.warm_iter
+        else:
+            bias, start = self._plain_start(xs, s, setup)
+            with torch.no_grad():
+                net.out.weight.zero_()
+                net.out.bias.copy_(bias)
+            extra = self._extra_init(setup, start)
+            n_iter = self.max_iter
+        if not fix_g:
+            self._train(net, extra, z, xs, s, setup, n_iter)
+        with torch.no_grad():
+            out = net(z)
+            log_w = self._log_weights(out, extra, xs, s, setup)
+            c = -self.mode
+            s_full = s.expand_as(x)
+            n = x.numel()
+
+            def part(i: int, j: int):
+                lw = log_w[:, i:j]
+                log_marginal = torch.logsumexp(lw, dim=0)
+                resp = exp_flushed(lw - log_marginal)
+                pieces = self._posterior_pieces(
+                    out[i:j], extra, xs[i:j], s_full[i:j], _slice_setup(setup, i, j), c
+                )
+                return combine(resp, *pieces, log_marginal=log_marginal, shift=self.mode)
+
+            post = chunked(part, n, log_w.shape[0])
+        g = {"family": self.name, "mode": self.mode}
+        g.update(self._g_entries(out.detach(), extra, setup))
+        g["network"] = net_to_numpy(net)
+        g["extra"] = {k: v.detach().cpu().numpy().copy() for k, v in extra.items()}
+        g["covariate_stats"] = stats
+        g["hidden"] = np.asarray(self.hidden, dtype=np.int64)
+        state_out = {k: g[k] for k in ("network", "extra", "covariate_stats")}
+        state_out.update(self._state_entries(setup))
+        return EBNMResult(
+            mean=post.mean,
+            mean2=post.mean2,
+            sd=post.sd,
+            lfsr=post.lfsr,
+            loglik=post.log_marginal.sum(dtype=torch.float64).item(),
+            g=g,
+            state=state_out,
+        )
+
+    def _state_entries(self, setup: dict) -> dict:
+        return {}
+
+    def _train(self, net, extra, z, x, s, setup, n_iter: int) -> None:
+        """Full-batch L-BFGS on -loglik/n + penalty; keep the best exact log-likelihood."""
+        params = [p for p in net.parameters()] + list(extra.values())
+        for p in params:
+            p.requires_grad_(True)
+        weights = [m.weight for m in [*net.hidden, net.out]]
+        n = x.numel()
+
+        def loglik() -> torch.Tensor:
+            log_w = self._log_weights(net(z), extra, x, s, setup)
+            return torch.logsumexp(log_w, dim=0).sum(dtype=torch.float64)
+
+        def snapshot():
+            return (
+                {k: v.detach().clone() for k, v in net.state_dict().items()},
+                {k: v.detach().clone() for k, v in extra.items()},
+            )
+
+        with torch.no_grad():
+            best = float(loglik())
+        best_state = snapshot()
+        if not math.isfinite(best):
+            best = -math.inf
+        opt = torch.optim.LBFGS(
+            params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
+        )
+
+        def closure():
+            opt.zero_grad()
+            loss = -loglik() / n
+            if self.weight_decay:
+                loss = loss + self.weight_decay * sum((w * w).sum() for w in weights)
+            loss.backward()
+            return loss
+
+        last = best
+        for _ in range(n_iter):
+            opt.step(closure)
+            with torch.no_grad():
+                cur = float(loglik())
+            if math.isfinite(cur) and cur > best:
+                best, best_state = cur, snapshot()
+            if not math.isfinite(cur) or abs(cur - last) < self.tol * n:
+                break
+            last = cur
+        net.load_state_dict(best_state[0])
+        for k, v in best_state[1].items():
+            extra[k].data.copy_(v)
+        for p in params:
+            p.requires_grad_(False)
+
+
+def _slice_setup(setup: dict, i: int, j: int) -> dict:
+    """Per-observation arrays of a setup restricted to columns i:j."""
+    return {
+        k: (v[..., i:j] if isinstance(v, torch.Tensor) and v.ndim == 2 and k.endswith("_kn") else v)
+        for k, v in setup.items()
+    }

@@ -1,0 +1,100 @@
+"""``cash``: covariate-moderated adaptive shrinkage.
+
+g(theta; x_i) = sum_k pi_k(x_i) g_k(theta) on a fixed grid of components (zero-centred
+normals with a point mass, as ``normal_scale_mixture``; or with ``nonnegative=True`` a
+point mass and exponentials, as ``nonnegative_mixture``), with
+pi(x_i) = softmax(net(x_i)). The log-likelihood matrix of the components is computed once
+per call; only the weights depend on the network.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._math import exp_flushed
+from ._covariates import CovariatePrior
+from ._mixsqp import mixsqp
+from .base import register_prior
+from .nonnegative_mixture import NonnegativeMixture
+from .scale_mixture import NormalScaleMixture
+
+_MIN_LOG_WEIGHT = -30.0  # output bias of a component the plain fit gave no weight
+
+
+@register_prior
+class Cash(CovariatePrior):
+    """``cash``: pi_k(x) = softmax(net(x))_k over a grid of scales.
+
+    Parameters
+    ----------
+    nonnegative
+        Use the point mass + exponential grid (nonnegative loadings / factors).
+    grid_mult, kl_target
+        Grid rule of the underlying plain mixture (see ``normal_scale_mixture``).
+    hidden, hidden_layers, weight_decay, max_iter, warm_iter, tol, seed
+        Network options (see :class:`~cebmf.priors._covariates.CovariatePrior`);
+        ``hidden_layers=0`` is a multinomial-logistic (linear) model.
+
+    ``g`` holds ``scale`` (the grid), ``pi0`` (per observation), ``pi_mean`` (mean weights),
+    the network weights and the covariate standardisation.
+    """
+
+    name = "cash"
+
+    def __init__(
+        self,
+        mode: float = 0.0,
+        *,
+        nonnegative: bool = False,
+        grid_mult: float | None = None,
+        kl_target: float | None = None,
+        **network,
+    ) -> None:
+        super().__init__(mode, **network)
+        self.nonnegative = bool(nonnegative)
+        base_cls = NonnegativeMixture if nonnegative else NormalScaleMixture
+        self.base = base_cls(grid_mult=grid_mult, kl_target=kl_target)
+
+    def _setup(self, x, s, warm, g_init):
+        fresh = self.base._fresh_grid(x, s)
+        if warm is not None and "scale" in warm:
+            grid = np.asarray(warm["scale"], dtype=np.float64)
+            if fresh[-1] > grid[-1] and g_init is None:  # extend at the top, never shrink
+                grid = np.concatenate([grid, fresh[fresh > grid[-1]]])
+        else:
+            grid = fresh
+        scale_t = torch.as_tensor(grid, dtype=x.dtype, device=x.device)[:, None]
+        return {
+            "scale": grid,
+            "scale_t": scale_t,
+            "loglik_kn": self.base._component_loglik(x, s, scale_t),
+        }
+
+    def _n_outputs(self, setup):
+        return setup["scale"].size
+
+    def _plain_start(self, x, s, setup):
+        ll = setup["loglik_kn"].to(torch.float64)
+        pi = mixsqp(exp_flushed(ll - ll.max(0).values), None)
+        bias = torch.log(pi).clamp(min=_MIN_LOG_WEIGHT).to(x.dtype)
+        return bias, {}
+
+    def _log_weights(self, out, extra, x, s, setup):
+        return torch.log_softmax(out, dim=1).T + setup["loglik_kn"]
+
+    def _posterior_pieces(self, out, extra, x, s, setup, c):
+        return self.base._component_posterior(x, s, setup["scale_t"], c)
+
+    def _g_entries(self, out, extra, setup):
+        pi = torch.softmax(out, dim=1)
+        has_point = setup["scale"][0] == 0
+        return {
+            "scale": setup["scale"],
+            "pi0": (pi[:, 0] if has_point else torch.zeros_like(pi[:, 0])).cpu().numpy(),
+            "pi_mean": pi.mean(0).cpu().numpy(),
+            "nonnegative": self.nonnegative,
+        }
+
+    def _state_entries(self, setup):
+        return {"scale": setup["scale"]}

@@ -1,0 +1,127 @@
+"""``emdn`` and ``spiked_emdn``: mixture density networks as priors.
+
+g(theta; x_i) = sum_k pi_k(x_i) N(mu_k(x_i), sigma_k(x_i)^2) (``emdn``), plus a point mass
+pi_0(x_i) delta_0 (``spiked_emdn``); every weight, mean and sd is an output of one network.
+Component k has marginal N(x; mu_k, s^2 + sigma_k^2) and posterior N(m_k, v_k) with
+m_k = (x sigma_k^2 + mu_k s^2) / (sigma_k^2 + s^2), v_k = sigma_k^2 s^2 / (sigma_k^2 + s^2).
+A cold fit starts from the normal scale mixture fitted to the same data (its heaviest
+components, means 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .._math import log_normal_pdf, normal_sign_probs
+from ._covariates import CovariatePrior
+from .base import register_prior
+from .scale_mixture import NormalScaleMixture
+
+_MIN_LOG_WEIGHT = -30.0
+
+
+@register_prior
+class Emdn(CovariatePrior):
+    """``emdn``: a mixture of ``n_components`` normals whose weights, means and sds are
+    network outputs. ``g`` holds ``pi_mean``, ``mu_mean``, ``sd_mean`` (averages over the
+    observations), the network weights and the covariate standardisation."""
+
+    name = "emdn"
+    spiked = False
+
+    def __init__(self, mode: float = 0.0, *, n_components: int = 5, **network) -> None:
+        super().__init__(mode, **network)
+        if n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {n_components}.")
+        self.n_components = int(n_components)
+
+    def _setup(self, x, s, warm, g_init):
+        stats = torch.stack([s.min(), s.max(), x.abs().max()]).double().tolist()
+        return {
+            "log_sd_lo": math.log(stats[0] * 1e-4),
+            "log_sd_hi": math.log(10.0 * (stats[2] + stats[1])),
+        }
+
+    def _n_outputs(self, setup):
+        return 3 * self.n_components + int(self.spiked)
+
+    def _plain_start(self, x, s, setup):
+        ash = NormalScaleMixture()
+        grid = ash._fresh_grid(x, s)
+        fit = NormalScaleMixture(scale=grid if self.spiked else grid[1:]).fit(x, s)
+        pi, scale = np.asarray(fit.g["pi"]), np.asarray(fit.g["scale"])
+        if self.spiked:
+            pi0, pi, scale = pi[0], pi[1:], scale[1:]
+        top = np.argsort(-pi)[: self.n_components]
+        top = np.sort(top)
+        k = self.n_components
+        w = np.full(k, 0.0)
+        sd = np.full(k, scale[top].max() if top.size else 1.0)
+        w[: top.size] = pi[top]
+        sd[: top.size] = scale[top]
+        log_w = np.log(np.maximum(w, 1e-300))
+        bias = [np.maximum(log_w, _MIN_LOG_WEIGHT), np.zeros(k), np.log(sd)]
+        if self.spiked:
+            bias.insert(0, [max(math.log(max(pi0, 1e-300)), _MIN_LOG_WEIGHT)])
+        return torch.as_tensor(np.concatenate(bias), dtype=x.dtype, device=x.device), {}
+
+    def _split(self, out, setup):
+        k = self.n_components
+        o = out[:, int(self.spiked) :]
+        logits = out[:, : k + int(self.spiked)] if self.spiked else o[:, :k]
+        if self.spiked:
+            mu, log_sd = o[:, k : 2 * k], o[:, 2 * k :]
+        else:
+            mu, log_sd = o[:, k : 2 * k], o[:, 2 * k :]
+        log_sd = log_sd.clamp(setup["log_sd_lo"], setup["log_sd_hi"])
+        return logits, mu, log_sd
+
+    def _log_weights(self, out, extra, x, s, setup):
+        logits, mu, log_sd = self._split(out, setup)
+        log_pi = torch.log_softmax(logits, dim=1).T
+        var = torch.exp(2.0 * log_sd).T + s * s
+        comps = log_normal_pdf(x - mu.T, var)
+        if self.spiked:
+            comps = torch.cat([log_normal_pdf(x, s * s)[None, :], comps])
+        return log_pi + comps
+
+    def _posterior_pieces(self, out, extra, x, s, setup, c):
+        _, mu, log_sd = self._split(out, setup)
+        sigma2 = torch.exp(2.0 * log_sd).T
+        s2 = s * s
+        tot = sigma2 + s2
+        mean = (x * sigma2 + mu.T * s2) / tot
+        var = sigma2 * s2 / tot
+        p_le, p_ge = normal_sign_probs(mean, var.sqrt(), c)
+        if self.spiked:
+            zero = torch.zeros_like(x)[None, :]
+            mean = torch.cat([zero, mean])
+            var = torch.cat([zero, var])
+            p_le = torch.cat([torch.full_like(zero, 1.0 if c >= 0 else 0.0), p_le])
+            p_ge = torch.cat([torch.full_like(zero, 1.0 if c <= 0 else 0.0), p_ge])
+        return mean, var, p_le, p_ge
+
+    def _g_entries(self, out, extra, setup):
+        logits, mu, log_sd = self._split(out, setup)
+        pi = torch.softmax(logits, dim=1)
+        entries = {
+            "pi_mean": pi.mean(0).cpu().numpy(),
+            "mu_mean": mu.mean(0).cpu().numpy(),
+            "sd_mean": torch.exp(log_sd).mean(0).cpu().numpy(),
+            "n_components": self.n_components,
+        }
+        if self.spiked:
+            entries["pi0"] = pi[:, 0].cpu().numpy()
+        return entries
+
+
+@register_prior
+class SpikedEmdn(Emdn):
+    """``spiked_emdn``: ``emdn`` plus a point mass at zero with weight pi_0(x). ``g`` also
+    holds ``pi0`` per observation."""
+
+    name = "spiked_emdn"
+    spiked = True
