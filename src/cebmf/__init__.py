@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, priors
+from . import data, datasets, priors
 from ._ebnm import ebnm
 from .model import EBMFResult, fit_ebmf
 from .priors import EBNMResult, available_priors
@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "available_priors",
     "data",
+    "datasets",
     "ebnm",
     "fit_ebmf",
     "priors",

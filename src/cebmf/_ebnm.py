@@ -16,6 +16,7 @@ def ebnm(
     prior: str | Prior = "point_normal",
     *,
     mode: float = 0.0,
+    covariates: Any = None,
     g_init: dict[str, Any] | None = None,
     fix_g: bool = False,
     state: dict[str, Any] | None = None,
@@ -42,6 +43,9 @@ def ebnm(
         ``generalized_binary``, ``flat``) or a :class:`cebmf.priors.Prior` instance.
     mode
         Location of the prior's mode (point mass / centre / lower end), fixed.
+    covariates
+        (n, d) covariates of the observations, for the covariate-moderated families
+        (``cash``, ``emdn``, ``spiked_emdn``, ``cgb``).
     g_init
         A fitted prior (``result.g``) of the same family: the starting point of the fit,
         or with ``fix_g=True`` the prior under which posteriors are computed.
@@ -84,7 +88,7 @@ def ebnm(
     else:
         fam = get_prior(prior, mode=mode, **prior_options)
     with torch.no_grad():
-        res = fam.fit(xt, st, state=state, g_init=g_init, fix_g=fix_g)
+        res = fam.fit(xt, st, covariates, state=state, g_init=g_init, fix_g=fix_g)
     if was_numpy:
         for field in ("mean", "mean2", "sd", "lfsr"):
             setattr(res, field, getattr(res, field).cpu().numpy())

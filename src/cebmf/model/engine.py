@@ -105,10 +105,13 @@ def expected_loglik_normal(x, s, mean, mean2) -> torch.Tensor:
 class Engine:
     """EBMF state (moments, priors, noise) with exact rank-one and noise updates."""
 
-    def __init__(self, data: DataMatrix, noise: str, keep_inputs: bool = False) -> None:
+    def __init__(
+        self, data: DataMatrix, noise: str, keep_inputs: bool = False, self_covariates: bool = False
+    ) -> None:
         self.data = data
         self.noise = noise
         self.keep_inputs = keep_inputs
+        self.self_covariates = self_covariates
         n, p = data.shape
         dt, dev = data.dtype, data.device
         self.loadings = Side("loadings", *(torch.zeros(n, 0, dtype=dt, device=dev),) * 3)
@@ -325,7 +328,7 @@ class Engine:
         if not bool((other.mean2[:, k] > 0).any()):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
-        res = this.priors[k].fit(x, s, covariates=this.covariates, state=this.states[k])
+        res = this.priors[k].fit(x, s, covariates=self._covariates(this, k), state=this.states[k])
         old = this.mean[:, k].clone() if self.masked else None
         this.mean[:, k] = res.mean
         this.mean2[:, k] = res.mean2
@@ -347,6 +350,18 @@ class Engine:
             self.resid -= outer
         self._invalidate(which, k)
         return True
+
+    def _covariates(self, side: Side, k: int) -> torch.Tensor | None:
+        """The side's covariates for factor k (with self covariates: the other factors'
+        posterior means appended); None for plain priors."""
+        if not side.priors[k].uses_covariates:
+            return None
+        if not self.self_covariates or side.k < 2:
+            return side.covariates
+        others = torch.cat([side.mean[:, :k], side.mean[:, k + 1 :]], dim=1)
+        if side.covariates is None:
+            return others
+        return torch.cat([side.covariates, others], dim=1)
 
     def is_zero(self, k: int) -> bool:
         """True when either side of factor k is exactly zero (not for fixed sides)."""

@@ -126,6 +126,7 @@ def fit_ebmf(
     random_state: int = 0,
     progress: bool = False,
     keep_ebnm_inputs: bool = False,
+    self_covariates: bool = False,
 ) -> EBMFResult:
     r"""Empirical Bayes matrix factorisation Y ~ L F^T + E.
 
@@ -171,6 +172,11 @@ def fit_ebmf(
         Show a progress bar (tqdm) on stderr; logging goes to the ``cebmf`` logger.
     keep_ebnm_inputs
         Keep the (x, s) of each factor's last EBNM problem in ``result.ebnm_inputs``.
+    self_covariates
+        For covariate-moderated priors, append the other factors' current posterior means
+        on the same side (e.g. the other loadings of each cell) to the covariates. The
+        priors then change with the other factors, so the ELBO is no longer guaranteed
+        to rise at every update (it is a different objective at every sweep).
 
     Returns
     -------
@@ -198,14 +204,21 @@ def fit_ebmf(
     cov_f = _as_covariates(X_f, p, "X_f", dt, dev)
     for choice, cov, argname in ((choose_l, cov_l, "X_l"), (choose_f, cov_f, "X_f")):
         plain = [pr.name for pr in choice.priors if not pr.uses_covariates]
+        moderated = [pr.name for pr in choice.priors if pr.uses_covariates]
         if cov is not None and plain:
             raise ValueError(
                 f"{argname} was given but {choice.argname} uses {plain[0]!r}, which does not "
                 f"use covariates; choose a covariate-moderated prior or drop {argname}."
             )
+        if cov is None and moderated and not self_covariates:
+            raise ValueError(
+                f"{choice.argname} uses the covariate-moderated prior {moderated[0]!r} but "
+                f"{argname} is None; pass {argname} (one row per "
+                f"{'row' if argname == 'X_l' else 'column'} of Y) or self_covariates=True."
+            )
     gen = torch.Generator().manual_seed(int(random_state))
 
-    engine = Engine(data, noise, keep_inputs=keep_ebnm_inputs)
+    engine = Engine(data, noise, keep_inputs=keep_ebnm_inputs, self_covariates=self_covariates)
     engine.loadings.covariates, engine.factors.covariates = cov_l, cov_f
     engine.update_noise()
     trace: list[float] = []

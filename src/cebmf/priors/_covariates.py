@@ -15,9 +15,11 @@ call never lowers the log-likelihood of its starting point.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
+import warnings
 from abc import abstractmethod
 from typing import Any
 
@@ -64,6 +66,12 @@ def standardize(cov: torch.Tensor, stats: dict | None = None):
     mean = torch.as_tensor(stats["mean"], dtype=cov.dtype, device=cov.device)[keep]
     sd = torch.as_tensor(stats["sd"], dtype=cov.dtype, device=cov.device)[keep]
     return (cov[:, keep] - mean) / sd, stats
+
+
+def _fits(weights: dict, d: int) -> bool:
+    """True when saved network weights take d inputs."""
+    first = weights.get("hidden.0.weight", weights.get("out.weight"))
+    return first is not None and np.asarray(first).shape[1] == d
 
 
 def _load_network(net: CovariateNet, weights: dict) -> None:
@@ -123,7 +131,7 @@ class CovariatePrior(Prior):
         *,
         hidden: tuple[int, ...] | int = (16,),
         hidden_layers: int | None = None,
-        weight_decay: float = 1e-3,
+        weight_decay: float = 1e-2,
         max_iter: int = 100,
         warm_iter: int = 20,
         tol: float = 1e-9,
@@ -169,11 +177,12 @@ class CovariatePrior(Prior):
 
     @abstractmethod
     def _log_weights(self, out: torch.Tensor, extra: dict, x, s, setup: dict) -> torch.Tensor:
-        """(K, n) log prior weight + log marginal of each piece, from network outputs."""
+        """(n, K) log prior weight + log marginal of each piece, from network outputs."""
 
     @abstractmethod
-    def _posterior_pieces(self, out, extra, x, s, setup, c: float) -> tuple:
-        """``(mean, var, p_le, p_ge)`` of each piece, (K, n) or broadcastable."""
+    def _posterior_pieces(self, out, extra, x, s, setup, c: float, used) -> tuple:
+        """``(mean, var, p_le, p_ge)`` of the pieces ``used`` (indices), each
+        (len(used), n) or broadcastable."""
 
     @abstractmethod
     def _g_entries(self, out, extra, setup) -> dict[str, Any]:
@@ -188,7 +197,10 @@ class CovariatePrior(Prior):
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed)
         try:
-            net = CovariateNet(d, self.hidden, k)
+            with warnings.catch_warnings():
+                # no covariate left (all constant): a bias-only model, zero-input layers
+                warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                net = CovariateNet(d, self.hidden, k)
         finally:
             torch.random.set_rng_state(gen_state)
         return net.to(device=device, dtype=dtype)
@@ -201,6 +213,14 @@ class CovariatePrior(Prior):
         z, stats = standardize(cov, None if warm is None else warm.get("covariate_stats"))
         n_out = self._n_outputs(setup)
         net = self._build(z.shape[1], n_out, x.dtype, x.device)
+        if warm is not None and "network" in warm and not _fits(warm["network"], z.shape[1]):
+            if g_init is not None:
+                raise ValueError(
+                    "g_init's network was fitted to a different number of covariates "
+                    f"than the {z.shape[1]} given."
+                )
+            warm = None  # e.g. self covariates after the number of factors changed
+            z, stats = standardize(cov)
         if warm is not None and "network" in warm:
             _load_network(net, warm["network"])
             extra = {
@@ -219,7 +239,7 @@ class CovariatePrior(Prior):
             self._train(net, extra, z, xs, s, setup, n_iter)
         with torch.no_grad():
             out = net(z)
-            log_w = self._log_weights(out, extra, xs, s, setup)
+            log_w = self._log_weights(out, extra, xs, s, setup).T
             c = -self.mode
             s_full = s.expand_as(x)
             n = x.numel()
@@ -228,10 +248,12 @@ class CovariatePrior(Prior):
                 lw = log_w[:, i:j]
                 log_marginal = torch.logsumexp(lw, dim=0)
                 resp = exp_flushed(lw - log_marginal)
+                # pieces nobody is responsible for (resp < 1e-15 everywhere) are dropped
+                used = torch.nonzero(resp.max(dim=1).values > 1e-15).ravel()
                 pieces = self._posterior_pieces(
-                    out[i:j], extra, xs[i:j], s_full[i:j], _slice_setup(setup, i, j), c
+                    out[i:j], extra, xs[i:j], s_full[i:j], _slice_setup(setup, i, j), c, used
                 )
-                return combine(resp, *pieces, log_marginal=log_marginal, shift=self.mode)
+                return combine(resp[used], *pieces, log_marginal=log_marginal, shift=self.mode)
 
             post = chunked(part, n, log_w.shape[0])
         g = {"family": self.name, "mode": self.mode}
@@ -255,61 +277,99 @@ class CovariatePrior(Prior):
     def _state_entries(self, setup: dict) -> dict:
         return {}
 
+    def network_outputs(self, g: dict, covariates) -> torch.Tensor:
+        """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""
+        self.check_g(g, "g")
+        cov = torch.as_tensor(np.asarray(covariates, dtype=np.float64))
+        if cov.ndim == 1:
+            cov = cov[:, None]
+        z, _ = standardize(cov, g["covariate_stats"])
+        weights = g["network"]
+        n_out = np.asarray(weights["out.bias"]).shape[0]
+        net = self._build(z.shape[1], n_out, torch.float64, torch.device("cpu"))
+        _load_network(net, weights)
+        with torch.no_grad():
+            return net(z)
+
+    def _exact_loglik(self, net, extra, z, x, s, setup) -> float:
+        with torch.no_grad():
+            log_w = self._log_weights(net(z), extra, x, s, setup)
+            return float(torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64))
+
     def _train(self, net, extra, z, x, s, setup, n_iter: int) -> None:
-        """Full-batch L-BFGS on -loglik/n + penalty; keep the best exact log-likelihood."""
-        params = [p for p in net.parameters()] + list(extra.values())
+        """Full-batch L-BFGS on -loglik/n + penalty, in float32 (a copy of the problem when
+        the data are float64); every evaluated point is a candidate and the best is kept.
+        The result replaces the start only if its exact (float64) log-likelihood is not
+        lower, so a warm start is never made worse."""
+        start_ll = self._exact_loglik(net, extra, z, x, s, setup)
+        start = _snapshot(net, extra)
+        work_net, work_extra = net, extra
+        wz, wx, ws, wsetup = z, x, s, setup
+        if x.dtype == torch.float64:
+            work_net = copy.deepcopy(net).float()
+            work_extra = {k: v.detach().float() for k, v in extra.items()}
+            wz, wx, ws = z.float(), x.float(), s.float()
+            wsetup = {
+                k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in setup.items()
+            }
+        params = [*work_net.parameters(), *work_extra.values()]
         for p in params:
             p.requires_grad_(True)
-        weights = [m.weight for m in [*net.hidden, net.out]]
+        weights = [m.weight for m in [*work_net.hidden, work_net.out]]
         n = x.numel()
-
-        def loglik() -> torch.Tensor:
-            log_w = self._log_weights(net(z), extra, x, s, setup)
-            return torch.logsumexp(log_w, dim=0).sum(dtype=torch.float64)
-
-        def snapshot():
-            return (
-                {k: v.detach().clone() for k, v in net.state_dict().items()},
-                {k: v.detach().clone() for k, v in extra.items()},
-            )
-
-        with torch.no_grad():
-            best = float(loglik())
-        best_state = snapshot()
-        if not math.isfinite(best):
-            best = -math.inf
-        opt = torch.optim.LBFGS(
-            params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
-        )
+        best = {"loglik": -math.inf, "state": None}
 
         def closure():
             opt.zero_grad()
-            loss = -loglik() / n
+            log_w = self._log_weights(work_net(wz), work_extra, wx, ws, wsetup)
+            loglik = torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64)
+            value = float(loglik.detach())
+            if math.isfinite(value) and value > best["loglik"]:
+                best["loglik"], best["state"] = value, _snapshot(work_net, work_extra)
+            loss = -loglik / n
             if self.weight_decay:
                 loss = loss + self.weight_decay * sum((w * w).sum() for w in weights)
             loss.backward()
             return loss
 
-        last = best
-        for _ in range(n_iter):
-            opt.step(closure)
-            with torch.no_grad():
-                cur = float(loglik())
-            if math.isfinite(cur) and cur > best:
-                best, best_state = cur, snapshot()
-            if not math.isfinite(cur) or abs(cur - last) < self.tol * n:
-                break
-            last = cur
-        net.load_state_dict(best_state[0])
-        for k, v in best_state[1].items():
-            extra[k].data.copy_(v)
+        opt = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=n_iter,
+            max_eval=2 * n_iter,
+            history_size=20,
+            tolerance_grad=1e-10,
+            tolerance_change=self.tol,
+            line_search_fn="strong_wolfe",
+        )
+        opt.step(closure)
         for p in params:
             p.requires_grad_(False)
+        if best["state"] is None:
+            return
+        _restore(net, extra, best["state"])
+        if not self._exact_loglik(net, extra, z, x, s, setup) >= start_ll:
+            _restore(net, extra, start)
+
+
+def _snapshot(net, extra):
+    return (
+        {k: v.detach().clone() for k, v in net.state_dict().items()},
+        {k: v.detach().clone() for k, v in extra.items()},
+    )
+
+
+def _restore(net, extra, state) -> None:
+    ref = net.state_dict()
+    net.load_state_dict({k: v.to(ref[k].dtype) for k, v in state[0].items()})
+    for k, v in state[1].items():
+        extra[k].data.copy_(v)
 
 
 def _slice_setup(setup: dict, i: int, j: int) -> dict:
-    """Per-observation arrays of a setup restricted to columns i:j."""
+    """Per-observation arrays of a setup (keys ending in ``_nk``) restricted to rows i:j."""
     return {
-        k: (v[..., i:j] if isinstance(v, torch.Tensor) and v.ndim == 2 and k.endswith("_kn") else v)
+        k: (v[i:j] if isinstance(v, torch.Tensor) and k.endswith("_nk") else v)
         for k, v in setup.items()
     }

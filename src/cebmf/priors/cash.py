@@ -68,23 +68,23 @@ class Cash(CovariatePrior):
         return {
             "scale": grid,
             "scale_t": scale_t,
-            "loglik_kn": self.base._component_loglik(x, s, scale_t),
+            "loglik_nk": self.base._component_loglik(x, s, scale_t).T.contiguous(),
         }
 
     def _n_outputs(self, setup):
         return setup["scale"].size
 
     def _plain_start(self, x, s, setup):
-        ll = setup["loglik_kn"].to(torch.float64)
+        ll = setup["loglik_nk"].T.to(torch.float64)
         pi = mixsqp(exp_flushed(ll - ll.max(0).values), None)
         bias = torch.log(pi).clamp(min=_MIN_LOG_WEIGHT).to(x.dtype)
         return bias, {}
 
     def _log_weights(self, out, extra, x, s, setup):
-        return torch.log_softmax(out, dim=1).T + setup["loglik_kn"]
+        return torch.log_softmax(out, dim=1) + setup["loglik_nk"]
 
-    def _posterior_pieces(self, out, extra, x, s, setup, c):
-        return self.base._component_posterior(x, s, setup["scale_t"], c)
+    def _posterior_pieces(self, out, extra, x, s, setup, c, used):
+        return self.base._component_posterior(x, s, setup["scale_t"][used], c)
 
     def _g_entries(self, out, extra, setup):
         pi = torch.softmax(out, dim=1)
@@ -98,3 +98,10 @@ class Cash(CovariatePrior):
 
     def _state_entries(self, setup):
         return {"scale": setup["scale"]}
+
+    def prior_parameters(self, g: dict, covariates) -> dict:
+        """The prior of each observation: ``pi`` (n, K) weights on the grid ``scale``."""
+        return {
+            "pi": torch.softmax(self.network_outputs(g, covariates), 1).numpy(),
+            "scale": np.asarray(g["scale"]),
+        }

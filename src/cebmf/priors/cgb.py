@@ -46,7 +46,7 @@ class Cgb(CovariatePrior):
         self.nonnegative = bool(nonnegative)
 
     def _setup(self, x, s, warm, g_init):
-        return {"l0": log_normal_pdf(x, s * s)}
+        return {"l0_nk": log_normal_pdf(x, s * s)}
 
     def _n_outputs(self, setup):
         return 1
@@ -61,8 +61,8 @@ class Cgb(CovariatePrior):
         return bias, {"mu": mu, "log_sd": math.log(g["scale"])}
 
     def _extra_init(self, setup, start):
-        dev = setup["l0"].device
-        dt = setup["l0"].dtype
+        dev = setup["l0_nk"].device
+        dt = setup["l0_nk"].dtype
         return {k: torch.tensor(float(v), dtype=dt, device=dev) for k, v in start.items()}
 
     def _slab(self, x, s, extra):
@@ -83,9 +83,9 @@ class Cgb(CovariatePrior):
     def _log_weights(self, out, extra, x, s, setup):
         a = out[:, 0].clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
         slab, _, _ = self._slab(x, s, extra)
-        return torch.stack([fn.logsigmoid(-a) + setup["l0"], fn.logsigmoid(a) + slab])
+        return torch.stack([fn.logsigmoid(-a) + setup["l0_nk"], fn.logsigmoid(a) + slab], dim=1)
 
-    def _posterior_pieces(self, out, extra, x, s, setup, c):
+    def _posterior_pieces(self, out, extra, x, s, setup, c, used):
         _, m, sd = self._slab(x, s, extra)
         sd = sd.expand_as(x)
         if self.nonnegative:
@@ -97,10 +97,10 @@ class Cgb(CovariatePrior):
         p0_le, p0_ge = point_sign_probs(0.0, c)
         zero = torch.zeros_like(x)
         return (
-            torch.stack([zero, mean]),
-            torch.stack([zero, var]),
-            torch.stack([torch.full_like(x, p0_le), le]),
-            torch.stack([torch.full_like(x, p0_ge), ge]),
+            torch.stack([zero, mean])[used],
+            torch.stack([zero, var])[used],
+            torch.stack([torch.full_like(x, p0_le), le])[used],
+            torch.stack([torch.full_like(x, p0_ge), ge])[used],
         )
 
     def _g_entries(self, out, extra, setup):
@@ -111,3 +111,8 @@ class Cgb(CovariatePrior):
             "scale": float(torch.exp(extra["log_sd"])),
             "nonnegative": self.nonnegative,
         }
+
+    def prior_parameters(self, g: dict, covariates) -> dict:
+        """The prior of each observation: ``pi0`` (n,), and the global ``mu``, ``scale``."""
+        a = self.network_outputs(g, covariates)[:, 0].clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
+        return {"pi0": torch.sigmoid(-a).numpy(), "mu": g["mu"], "scale": g["scale"]}

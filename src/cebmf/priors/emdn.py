@@ -81,22 +81,23 @@ class Emdn(CovariatePrior):
 
     def _log_weights(self, out, extra, x, s, setup):
         logits, mu, log_sd = self._split(out, setup)
-        log_pi = torch.log_softmax(logits, dim=1).T
-        var = torch.exp(2.0 * log_sd).T + s * s
-        comps = log_normal_pdf(x - mu.T, var)
+        var = torch.exp(2.0 * log_sd) + (s * s)[:, None]
+        comps = log_normal_pdf(x[:, None] - mu, var)
         if self.spiked:
-            comps = torch.cat([log_normal_pdf(x, s * s)[None, :], comps])
-        return log_pi + comps
+            comps = torch.cat([log_normal_pdf(x, s * s)[:, None], comps], dim=1)
+        return torch.log_softmax(logits, dim=1) + comps
 
-    def _posterior_pieces(self, out, extra, x, s, setup, c):
+    def _posterior_pieces(self, out, extra, x, s, setup, c, used):
         _, mu, log_sd = self._split(out, setup)
-        sigma2 = torch.exp(2.0 * log_sd).T
+        j = int(self.spiked)
+        normal = used[used >= j] - j  # component indices among the normals
+        sigma2 = torch.exp(2.0 * log_sd[:, normal]).T
         s2 = s * s
         tot = sigma2 + s2
-        mean = (x * sigma2 + mu.T * s2) / tot
+        mean = (x * sigma2 + mu[:, normal].T * s2) / tot
         var = sigma2 * s2 / tot
         p_le, p_ge = normal_sign_probs(mean, var.sqrt(), c)
-        if self.spiked:
+        if self.spiked and bool((used == 0).any()):
             zero = torch.zeros_like(x)[None, :]
             mean = torch.cat([zero, mean])
             var = torch.cat([zero, var])
@@ -112,10 +113,24 @@ class Emdn(CovariatePrior):
             "mu_mean": mu.mean(0).cpu().numpy(),
             "sd_mean": torch.exp(log_sd).mean(0).cpu().numpy(),
             "n_components": self.n_components,
+            "log_sd_bounds": np.array([setup["log_sd_lo"], setup["log_sd_hi"]]),
         }
         if self.spiked:
             entries["pi0"] = pi[:, 0].cpu().numpy()
         return entries
+
+    def prior_parameters(self, g: dict, covariates) -> dict:
+        """The prior of each observation: ``pi`` (n, K) weights of normals with means ``mu``
+        and sds ``sd`` (n, K); for ``spiked_emdn`` the first column of ``pi`` is the point
+        mass at zero."""
+        out = self.network_outputs(g, covariates)
+        lo, hi = (float(v) for v in g["log_sd_bounds"])
+        logits, mu, log_sd = self._split(out, {"log_sd_lo": lo, "log_sd_hi": hi})
+        return {
+            "pi": torch.softmax(logits, 1).numpy(),
+            "mu": mu.numpy(),
+            "sd": torch.exp(log_sd).numpy(),
+        }
 
 
 @register_prior
