@@ -271,7 +271,11 @@ def main(argv=None) -> int:
 
     import cebmf
 
-    families = cebmf.available_priors() if args.families == "all" else args.families.split(",")
+    families = (
+        cebmf.available_priors(covariates=False)
+        if args.families == "all"
+        else args.families.split(",")
+    )
     for f in families:
         cebmf.priors.get_prior(f)  # fail early on unknown names
     families = [cebmf.priors.get_prior(f).name for f in families]  # resolve aliases

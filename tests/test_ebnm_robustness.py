@@ -14,7 +14,7 @@ import torch
 import cebmf
 from cebmf.priors import available_priors, get_prior
 
-FAMILIES = available_priors()
+FAMILIES = available_priors(covariates=False)
 SPIKE_SLAB = ["normal", "point_normal", "point_laplace", "point_exponential", "generalized_binary"]
 NONNEG = {"point_exponential", "nonnegative_mixture", "generalized_binary"}
 

@@ -75,7 +75,12 @@ def show(fig, name):
         plt.close(fig)
 
 
-print("cebmf", cebmf.__version__, "| prior families:", ", ".join(cebmf.available_priors()))
+print(
+    "cebmf",
+    cebmf.__version__,
+    "| prior families:",
+    ", ".join(cebmf.available_priors(covariates=False)),
+)
 
 # %% [markdown]
 # ## 1. Simulated data: sparse effects with gene-specific noise
@@ -115,7 +120,7 @@ def rmse(estimate):
 
 sim_fits = {}
 rows = []
-for family in cebmf.available_priors():
+for family in cebmf.available_priors(covariates=False):
     start = time.perf_counter()
     res = cebmf.ebnm(x, s, prior=family)
     seconds = time.perf_counter() - start

@@ -78,7 +78,7 @@ def run_demo(out: Path, group: str = "CD14+ Monocyte") -> str:
     lines = [f"cebmf demo: {group} vs rest, {genes.size} genes, pbmc68k_reduced counts", ""]
     lines.append(f"{'prior':<22}{'loglik':>12}{'pi0':>8}{'lfsr<0.05':>11}")
     fits = {}
-    for name in available_priors():
+    for name in available_priors(covariates=False):
         res = ebnm(diff, se, name)
         fits[name] = res
         table[f"{name}_mean"] = res.mean

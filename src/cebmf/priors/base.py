@@ -186,9 +186,16 @@ def register_prior(cls: type[Prior] | None = None, *, aliases: tuple[str, ...] =
     return wrap(cls) if cls is not None else wrap
 
 
-def available_priors() -> list[str]:
-    """Names of the registered prior families (aliases excluded), sorted."""
-    return sorted(_REGISTRY)
+def available_priors(covariates: bool | None = None) -> list[str]:
+    """Names of the registered prior families (aliases excluded), sorted.
+
+    ``covariates=False`` lists the plain families, ``True`` the covariate-moderated ones.
+    """
+    return sorted(
+        name
+        for name, cls in _REGISTRY.items()
+        if covariates is None or cls.uses_covariates == covariates
+    )
 
 
 def get_prior(prior: str | Prior, **options: Any) -> Prior:
