@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, datasets, priors
+from . import data, datasets, pl, priors, tl
 from ._ebnm import ebnm
 from .model import EBMFResult, fit_ebmf
 from .priors import EBNMResult, available_priors
@@ -21,5 +21,7 @@ __all__ = [
     "datasets",
     "ebnm",
     "fit_ebmf",
+    "pl",
     "priors",
+    "tl",
 ]

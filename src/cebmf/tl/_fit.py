@@ -1,0 +1,442 @@
+"""``cebmf.tl.fit``: EBMF / cEBMF on an AnnData or a MuData, results in the object."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..model.fit import fit_ebmf
+from ..priors.base import Prior
+from ..priors.block import BlockPrior
+from ._inputs import (
+    DEFAULT_TARGET_SUM,
+    apply_transform,
+    resolve_covariates,
+    resolve_mask,
+    select_matrix,
+)
+from ._results import factor_names, full_rows, h5_safe, pve_by_block, uns_summary
+
+logger = logging.getLogger("cebmf")
+
+
+def _per_mod(value, mod: str):
+    """A per-modality option: one value for all, or a dict keyed by modality."""
+    if isinstance(value, dict):
+        return value.get(mod)
+    return value
+
+
+def _prepare_matrix(
+    adata, *, layer, transform, target_sum, size_factors, mask_var, noise, prefix: str = ""
+):
+    """Transformed matrix restricted to the fitted genes, and the fitted genes' indices."""
+    x = select_matrix(adata, layer, f"{prefix}layer")
+    if x.ndim != 2 or x.shape != (adata.n_obs, adata.n_vars):
+        raise ValueError(
+            f"{prefix}the data matrix has shape {x.shape}, not {(adata.n_obs, adata.n_vars)}."
+        )
+    mask = resolve_mask(adata, mask_var, f"{prefix}mask_var")
+    sf = None
+    if size_factors is not None:
+        if isinstance(size_factors, str):
+            if size_factors not in adata.obs:
+                raise ValueError(
+                    f"{prefix}size_factors={size_factors!r} is not a column of adata.obs."
+                )
+            sf = adata.obs[size_factors].to_numpy(dtype=np.float64)
+        else:
+            sf = np.asarray(size_factors, dtype=np.float64)
+    # library sizes over every gene, as scanpy's normalize_total, before subsetting
+    totals = (
+        np.asarray(x.sum(1), dtype=np.float64).ravel()
+        if sp.issparse(x)
+        else np.nansum(np.asarray(x, dtype=np.float64), 1)
+    )
+    sub = x if mask.all() else x[:, np.flatnonzero(mask)]
+    y, resolved = _transform(sub, transform, sf, target_sum, totals, f"{prefix}transform")
+    # genes without any signal cannot have a per-gene noise variance: leave them out
+    if sp.issparse(y):
+        ysq = y.copy()
+        ysq.data **= 2
+        col_sq = np.asarray(ysq.sum(0)).ravel()
+        del ysq
+    else:
+        col_sq = np.nansum(np.asarray(y, dtype=np.float64) ** 2, 0)
+    empty = col_sq <= 0
+    rows = np.flatnonzero(mask)
+    if empty.any():
+        logger.info("%d gene(s) with no signal left out of the fit", int(empty.sum()))
+        if noise == "column" or empty.all():
+            y = y[:, np.flatnonzero(~empty)]
+            rows = rows[~empty]
+    if rows.size == 0:
+        raise ValueError(f"{prefix}no gene has any signal after the transform.")
+    return y, rows, resolved
+
+
+def _transform(x, transform, sf, target_sum, totals, argname):
+    if transform in ("auto", "log1p_normalize"):
+        from ..data.transforms import log1p_normalize
+        from ._inputs import is_integer_counts
+
+        if transform == "auto" and not is_integer_counts(x):
+            return apply_transform(x, None, argname=argname)
+        values = x.data if sp.issparse(x) else np.asarray(x)
+        if values.size and np.nanmin(values) < 0:
+            raise ValueError(
+                f"{argname}={transform!r} needs non-negative counts, but the "
+                "data hold negative values; pass transform=None."
+            )
+        return log1p_normalize(
+            x, target_sum=target_sum, size_factors=sf, totals=totals
+        ), "log1p_normalize"
+    return apply_transform(x, transform, size_factors=sf, target_sum=target_sum, argname=argname)
+
+
+def _prior_spec(prior, has_cov: bool, default: str) -> Any:
+    if prior is None:
+        return "cash" if has_cov else default
+    return prior
+
+
+def _describe(prior) -> Any:
+    if isinstance(prior, str):
+        return prior
+    if isinstance(prior, Prior):
+        return repr(prior)
+    return [_describe(p) for p in prior]
+
+
+def fit(
+    data,
+    *,
+    layer: str | dict | None = None,
+    obs_covariates: Any = None,
+    var_covariates: Any = None,
+    n_factors: int = 30,
+    prior_loadings: Any = None,
+    prior_factors: Any = None,
+    noise: str = "column",
+    transform: str | dict | None = "auto",
+    target_sum: float = DEFAULT_TARGET_SUM,
+    size_factors: Any = None,
+    mask_var: Any = None,
+    intercept: bool = False,
+    mods: list[str] | None = None,
+    key_added: str = "cebmf",
+    device: str = "auto",
+    random_state: int = 0,
+    copy: bool = False,
+    progress: bool = False,
+    **engine_options: Any,
+):
+    r"""Empirical Bayes matrix factorisation of an AnnData (or a MuData), covariate-moderated
+    when covariates are given: Y ~ L F^T, cells x factors loadings L, genes x factors F.
+
+    Parameters
+    ----------
+    data
+        AnnData (cells x genes), or MuData whose modalities share the cells (fitted jointly:
+        shared loadings, per-modality factors, noise and transforms).
+    layer
+        Use ``adata.layers[layer]`` instead of ``.X`` (MuData: one for all or a dict by
+        modality). The matrix is never densified or modified.
+    obs_covariates, var_covariates
+        Cell / gene covariates for the priors of the loadings / factors: an ``obs`` / ``var``
+        column name or list of names (numeric as is, booleans 0/1, categoricals one-hot),
+        an ``obsm`` / ``varm`` key (e.g. ``"spatial"``, a gene-set membership matrix), or an
+        array. Standardised inside the priors.
+    n_factors
+        Most factors to add; the number kept is chosen by the data (greedy + nullcheck).
+    prior_loadings, prior_factors
+        Prior family names or :class:`~cebmf.priors.Prior` objects; default
+        ``"point_normal"``, or ``"cash"`` for a side with covariates.
+    noise
+        ``"column"`` (one variance per gene, default), ``"row"`` or ``"constant"``.
+    transform
+        ``"auto"`` (integer counts: ``"log1p_normalize"``; anything else: none),
+        ``"log1p_normalize"`` (x * target_sum / library size, then log1p, on the stored
+        non-zeros; library sizes over all genes), ``"log1p"``, ``"binary"`` and ``"tfidf"``
+        (ATAC peaks), or None. Negative values with a count transform are an error.
+    target_sum
+        Library size after normalisation (10^4, as scanpy's CP10k).
+    size_factors
+        An ``obs`` column or array of per-cell size factors replacing library sizes.
+    mask_var
+        Genes to fit, as scanpy: a boolean ``var`` column or array; default
+        ``var["highly_variable"]`` when present, else every gene. Genes without signal are
+        left out; outputs are full length with zero rows for genes not fitted.
+    intercept
+        Add a first factor with loadings fixed at 1 (its factor: the gene means).
+    mods
+        MuData: the modalities to fit (default: all).
+    key_added
+        Results go to ``obsm["X_" + key_added]``, ``varm[key_added + "_factors"]`` and
+        ``uns[key_added]``.
+    device, random_state, progress, **engine_options
+        Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``).
+    copy
+        Return a modified copy instead of writing into ``data``.
+
+    Returns
+    -------
+    None, or the copy when ``copy=True``. Writes ``obsm["X_{key}"]`` (loadings, N x K),
+    ``obsm["X_{key}_sd"]``, ``obsm["X_{key}_lfsr"]``, ``varm["{key}_factors"]`` and its
+    ``_sd`` / ``_lfsr`` (n_vars x K), and ``uns[key]`` (params, elbo trace, pve, noise_sd,
+    converged, n_iter, factor_names, priors, var_mask, covariates).
+    """
+    try:
+        import mudata as md
+    except ImportError:  # pragma: no cover - mudata is a dependency
+        md = None
+    if not isinstance(key_added, str) or not key_added or "/" in key_added:
+        raise ValueError(f"key_added must be a non-empty string without '/', got {key_added!r}.")
+    if md is not None and isinstance(data, md.MuData):
+        return _fit_mudata(
+            data,
+            layer=layer,
+            obs_covariates=obs_covariates,
+            var_covariates=var_covariates,
+            n_factors=n_factors,
+            prior_loadings=prior_loadings,
+            prior_factors=prior_factors,
+            noise=noise,
+            transform=transform,
+            target_sum=target_sum,
+            size_factors=size_factors,
+            mask_var=mask_var,
+            intercept=intercept,
+            mods=mods,
+            key_added=key_added,
+            device=device,
+            random_state=random_state,
+            copy=copy,
+            progress=progress,
+            **engine_options,
+        )
+    import anndata as ad
+
+    if not isinstance(data, ad.AnnData):
+        raise TypeError(f"data must be an AnnData or a MuData, got {type(data).__name__}.")
+    if mods is not None:
+        raise ValueError("mods= is for MuData input; data is an AnnData.")
+    adata = data.copy() if copy else data
+    y, rows, resolved = _prepare_matrix(
+        adata,
+        layer=layer,
+        transform=transform,
+        target_sum=target_sum,
+        size_factors=size_factors,
+        mask_var=mask_var,
+        noise=noise,
+    )
+    x_l, l_names = resolve_covariates(
+        obs_covariates, adata.obs, adata.obsm, adata.n_obs, "obs_covariates", "cells"
+    )
+    x_f_full, f_names = resolve_covariates(
+        var_covariates, adata.var, adata.varm, adata.n_vars, "var_covariates", "genes"
+    )
+    x_f = None if x_f_full is None else x_f_full[rows]
+    pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
+    pf = _prior_spec(prior_factors, x_f is not None, "point_normal")
+    res = fit_ebmf(
+        y,
+        max_factors=n_factors,
+        prior_loadings=pl,
+        prior_factors=pf,
+        noise=noise,
+        X_l=x_l,
+        X_f=x_f,
+        device=device,
+        random_state=random_state,
+        progress=progress,
+        fixed_loadings=np.ones(adata.n_obs) if intercept else None,
+        **engine_options,
+    )
+    params = {
+        "layer": layer,
+        "transform": resolved,
+        "target_sum": float(target_sum),
+        "size_factors": size_factors
+        if isinstance(size_factors, str)
+        else (None if size_factors is None else "array"),
+        "obs_covariates": l_names,
+        "var_covariates": f_names,
+        "n_factors": int(n_factors),
+        "prior_loadings": _describe(pl),
+        "prior_factors": _describe(pf),
+        "noise": noise,
+        "mask_var": mask_var if isinstance(mask_var, str) or mask_var is None else "array",
+        "intercept": bool(intercept),
+        "key_added": key_added,
+        "device": str(device),
+        "random_state": int(random_state),
+        "engine": h5_safe(engine_options),
+    }
+    covariates = {}
+    if x_l is not None:
+        covariates["loadings"], covariates["loadings_names"] = x_l, l_names
+    if x_f is not None:
+        covariates["factors"], covariates["factors_names"] = x_f, f_names
+    var_mask = np.zeros(adata.n_vars, dtype=bool)
+    var_mask[rows] = True
+    noise_sd = res.noise_sd
+    if noise == "column":
+        noise_sd = full_rows(np.asarray(noise_sd)[:, None], rows, adata.n_vars, np.nan)[:, 0]
+    _write_obsm(adata.obsm, res, key_added)
+    _write_varm(adata.varm, res.F, res.F_sd, res.F_lfsr, rows, adata.n_vars, key_added)
+    adata.uns[key_added] = uns_summary(
+        res, params, covariates, {"var_mask": var_mask, "noise_sd": noise_sd}
+    )
+    return adata if copy else None
+
+
+def _write_obsm(obsm, res, key: str) -> None:
+    obsm[f"X_{key}"] = res.L.astype(np.float64)
+    obsm[f"X_{key}_sd"] = res.L_sd.astype(np.float64)
+    obsm[f"X_{key}_lfsr"] = res.L_lfsr.astype(np.float64)
+
+
+def _write_varm(varm, f, f_sd, f_lfsr, rows, n_vars, key: str) -> None:
+    varm[f"{key}_factors"] = full_rows(f, rows, n_vars, 0.0)
+    varm[f"{key}_factors_sd"] = full_rows(f_sd, rows, n_vars, 0.0)
+    varm[f"{key}_factors_lfsr"] = full_rows(f_lfsr, rows, n_vars, 1.0)
+
+
+def _fit_mudata(
+    mdata,
+    *,
+    layer,
+    obs_covariates,
+    var_covariates,
+    n_factors,
+    prior_loadings,
+    prior_factors,
+    noise,
+    transform,
+    target_sum,
+    size_factors,
+    mask_var,
+    intercept,
+    mods,
+    key_added,
+    device,
+    random_state,
+    copy,
+    progress,
+    **engine_options,
+):
+    if var_covariates is not None:
+        raise ValueError(
+            "var_covariates are not supported for a joint MuData fit (the modalities' "
+            "features differ); fit one modality with cebmf.tl.fit(mdata[mod], ...)."
+        )
+    if noise != "column":
+        raise ValueError("a joint MuData fit uses noise='column' (per-feature variances).")
+    mods = list(mdata.mod) if mods is None else list(mods)
+    unknown = [m for m in mods if m not in mdata.mod]
+    if unknown or not mods:
+        raise ValueError(
+            f"mods: {unknown or mods} not modalities of the MuData ({', '.join(mdata.mod)})."
+        )
+    obs_names = mdata.obs_names
+    for m in mods:
+        mod_obs = mdata.mod[m].obs_names
+        if len(mod_obs) != len(obs_names) or not (mod_obs == obs_names).all():
+            raise ValueError(
+                f"modality {m!r} does not have the MuData's cells in the same order "
+                f"({mdata.mod[m].n_obs} vs {mdata.n_obs}); a joint fit needs every modality "
+                "on the same cells (e.g. mu.pp.intersect_obs(mdata))."
+            )
+    out = mdata.copy() if copy else mdata
+    blocks, parts, rows, resolved, sizes = {}, [], {}, {}, []
+    start = 0
+    for m in mods:
+        y, r, tr = _prepare_matrix(
+            out.mod[m],
+            layer=_per_mod(layer, m),
+            transform=_per_mod(transform, m),
+            target_sum=target_sum,
+            size_factors=_per_mod(size_factors, m),
+            mask_var=_per_mod(mask_var, m),
+            noise=noise,
+            prefix=f"[{m}] ",
+        )
+        parts.append(sp.csr_matrix(y) if sp.issparse(y) else y)
+        rows[m], resolved[m] = r, tr
+        blocks[m] = slice(start, start + y.shape[1])
+        sizes.append(y.shape[1])
+        start += y.shape[1]
+    sparse = any(sp.issparse(p) for p in parts)
+    y = sp.hstack([sp.csr_matrix(p) for p in parts], format="csr") if sparse else np.hstack(parts)
+    x_l, l_names = resolve_covariates(
+        obs_covariates, out.obs, out.obsm, out.n_obs, "obs_covariates", "cells"
+    )
+    pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
+    per_mod_f = [_per_mod(prior_factors, m) or "point_normal" for m in mods]
+    pf = BlockPrior(sizes, per_mod_f, names=mods)
+    res = fit_ebmf(
+        y,
+        max_factors=n_factors,
+        prior_loadings=pl,
+        prior_factors=pf,
+        noise=noise,
+        X_l=x_l,
+        device=device,
+        random_state=random_state,
+        progress=progress,
+        fixed_loadings=np.ones(out.n_obs) if intercept else None,
+        **engine_options,
+    )
+    _write_obsm(out.obsm, res, key_added)
+    var_mask, noise_sd = {}, {}
+    for m in mods:
+        cols = blocks[m]
+        mod = out.mod[m]
+        _write_varm(
+            mod.varm, res.F[cols], res.F_sd[cols], res.F_lfsr[cols], rows[m], mod.n_vars, key_added
+        )
+        var_mask[m] = np.isin(np.arange(mod.n_vars), rows[m])
+        noise_sd[m] = full_rows(
+            np.asarray(res.noise_sd)[cols][:, None], rows[m], mod.n_vars, np.nan
+        )[:, 0]
+    params = {
+        "mods": mods,
+        "layer": h5_safe(layer),
+        "transform": resolved,
+        "target_sum": float(target_sum),
+        "obs_covariates": l_names,
+        "var_covariates": [],
+        "n_factors": int(n_factors),
+        "prior_loadings": _describe(pl),
+        "prior_factors": {m: _describe(p) for m, p in zip(mods, per_mod_f, strict=True)},
+        "noise": noise,
+        "intercept": bool(intercept),
+        "key_added": key_added,
+        "device": str(device),
+        "random_state": int(random_state),
+        "engine": h5_safe(engine_options),
+    }
+    covariates = {} if x_l is None else {"loadings": x_l, "loadings_names": l_names}
+    out.uns[key_added] = uns_summary(
+        res,
+        params,
+        covariates,
+        {
+            "mods": np.asarray(mods, dtype=object),
+            "pve_by_mod": pve_by_block(res, blocks),
+            "var_mask": var_mask,
+            "noise_sd": noise_sd,
+        },
+    )
+    names = factor_names(res.n_factors)
+    for m in mods:  # each modality also carries its own view of the fit
+        mod = out.mod[m]
+        mod.uns[key_added] = h5_safe(
+            {"factor_names": names, "joint_fit": True, "pve": out.uns[key_added]["pve_by_mod"][m]}
+        )
+    return out if copy else None
