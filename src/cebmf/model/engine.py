@@ -39,8 +39,8 @@ class Side:
     """One side (loadings or factors) of every factor: moments, priors and fits."""
 
     name: str  # "loadings" or "factors"
-    mean: torch.Tensor  # (n, K)
-    mean2: torch.Tensor  # (n, K)
+    mean: torch.Tensor  # (n, K) posterior means
+    var: torch.Tensor  # (n, K) posterior variances (kept apart: mean^2 + var loses var)
     lfsr: torch.Tensor  # (n, K)
     priors: list[Prior] = field(default_factory=list)
     states: list[Any] = field(default_factory=list)
@@ -55,9 +55,14 @@ class Side:
     def k(self) -> int:
         return self.mean.shape[1]
 
-    def append(self, mean, mean2, prior: Prior, fixed: bool) -> None:
+    @property
+    def mean2(self) -> torch.Tensor:
+        """Posterior second moments E[theta^2] = mean^2 + var."""
+        return self.mean * self.mean + self.var
+
+    def append(self, mean, var, prior: Prior, fixed: bool) -> None:
         self.mean = torch.cat([self.mean, mean[:, None]], 1)
-        self.mean2 = torch.cat([self.mean2, mean2[:, None]], 1)
+        self.var = torch.cat([self.var, var[:, None]], 1)
         self.lfsr = torch.cat([self.lfsr, torch.ones_like(mean)[:, None]], 1)
         self.priors.append(prior)
         self.states.append(None)
@@ -70,7 +75,7 @@ class Side:
     def keep(self, idx: list[int]) -> None:
         sel = torch.as_tensor(idx, dtype=torch.long, device=self.mean.device)
         self.mean = self.mean.index_select(1, sel)
-        self.mean2 = self.mean2.index_select(1, sel)
+        self.var = self.var.index_select(1, sel)
         self.lfsr = self.lfsr.index_select(1, sel)
         for name in ("priors", "states", "g", "kl", "fixed", "last_x", "last_s"):
             lst = getattr(self, name)
@@ -79,7 +84,7 @@ class Side:
     def snapshot(self) -> dict:
         return {
             "mean": self.mean.clone(),
-            "mean2": self.mean2.clone(),
+            "var": self.var.clone(),
             "lfsr": self.lfsr.clone(),
             **{
                 n: list(getattr(self, n))
@@ -92,10 +97,15 @@ class Side:
             setattr(self, name, value)
 
 
-def expected_loglik_normal(x, s, mean, mean2) -> torch.Tensor:
-    """sum_i E_q log N(x_i; theta_i, s_i^2) in float64 (s may be a 1-element tensor)."""
-    x, s, mean, mean2 = (t.to(_F64) for t in (x, s, mean, mean2))
-    sq = (mean2 - 2.0 * x * mean + x * x) / (s * s)
+def expected_loglik_normal(x, s, mean, var) -> torch.Tensor:
+    """sum_i E_q log N(x_i; theta_i, s_i^2) in float64 (s may be a 1-element tensor).
+
+    Uses E(theta - x)^2 = var + (mean - x)^2: with x / s large (tiny s), the form
+    mean2 - 2 x mean + x^2 cancels catastrophically.
+    """
+    x, s, mean, var = (t.to(_F64) for t in (x, s, mean, var))
+    dev = mean - x
+    sq = (var + dev * dev) / (s * s)
     logs = torch.log(s)
     n = x.numel()
     total_logs = logs.sum() if s.numel() == n else n * logs.reshape(())
@@ -148,17 +158,17 @@ class Engine:
     def add_factor(
         self,
         lm,
-        l2,
+        lvar,
         fm,
-        f2,
+        fvar,
         prior_l: Prior,
         prior_f: Prior,
         fixed_l: bool = False,
         fixed_f: bool = False,
     ) -> None:
         dt = self.data.dtype
-        self.loadings.append(lm.to(dt), l2.to(dt), prior_l, fixed_l)
-        self.factors.append(fm.to(dt), f2.to(dt), prior_f, fixed_f)
+        self.loadings.append(lm.to(dt), lvar.to(dt), prior_l, fixed_l)
+        self.factors.append(fm.to(dt), fvar.to(dt), prior_f, fixed_f)
         if self.masked:
             self.resid -= self._mask_outer(lm.to(dt), fm.to(dt))
         self._ytl = self._yf = None
@@ -209,10 +219,9 @@ class Engine:
                 chosen[cols] = True
                 move &= chosen
             mean = side.mean + beta * (side.mean - old["mean"])
-            mean2 = side.mean2 + beta * (side.mean2 - old["mean2"])
-            mean2 = torch.maximum(mean2, mean * mean)
+            var = (side.var + beta * (side.var - old["var"])).clamp(min=0.0)
             side.mean = torch.where(move, mean, side.mean)
-            side.mean2 = torch.where(move, mean2, side.mean2)
+            side.var = torch.where(move, var, side.var)
         self.a = torch.maximum(self.a + beta * (self.a - prev["a"]), 1e-3 * self.a)
         self.b = torch.maximum(self.b + beta * (self.b - prev["b"]), 1e-3 * self.b)
         if self.masked:
@@ -294,7 +303,8 @@ class Engine:
             mask = self.data.mask
             resid = self.resid if which == "loadings" else self.resid.T
             m = mask if which == "loadings" else mask.T
-            fk, f2k = other.mean[:, k], other.mean2[:, k]
+            fk = other.mean[:, k]
+            f2k = fk * fk + other.var[:, k]
             prec = m @ (w_other * f2k)
             num = resid @ (w_other * fk) + this.mean[:, k] * (m @ (w_other * fk * fk))
             unseen = prec <= 0
@@ -325,19 +335,19 @@ class Engine:
         this, other = self.side(which)
         if this.fixed[k]:
             return True
-        if not bool((other.mean2[:, k] > 0).any()):
+        if not bool(((other.mean != 0) | (other.var > 0))[:, k].any()):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
         res = this.priors[k].fit(x, s, covariates=self._covariates(this, k), state=this.states[k])
         old = this.mean[:, k].clone() if self.masked else None
         this.mean[:, k] = res.mean
-        this.mean2[:, k] = res.mean2
+        this.var[:, k] = res.sd * res.sd
         this.lfsr[:, k] = res.lfsr
         this.states[k] = res.state
         this.g[k] = res.g
         this.kl[k] = torch.as_tensor(
             res.loglik, dtype=_F64, device=x.device
-        ) - expected_loglik_normal(x, s, res.mean, res.mean2)
+        ) - expected_loglik_normal(x, s, res.mean, res.sd.to(_F64) ** 2)
         if self.keep_inputs:
             this.last_x[k], this.last_s[k] = x, s.expand_as(x)
         if self.masked:
@@ -366,40 +376,35 @@ class Engine:
     def is_zero(self, k: int) -> bool:
         """True when either side of factor k is exactly zero (not for fixed sides)."""
         return any(
-            not bool((side.mean2[:, k] > 0).any()) and not side.fixed[k]
+            not bool(((side.mean[:, k] != 0) | (side.var[:, k] > 0)).any()) and not side.fixed[k]
             for side in (self.loadings, self.factors)
         )
 
     # ---- noise and ELBO ------------------------------------------------------------
     def expected_sq_resid(self) -> torch.Tensor:
-        """sum of E R_ij^2 over observed entries, per row (row noise) or per column."""
+        """sum of E R_ij^2 over observed entries, per row (row noise) or per column.
+
+        E R_ij^2 = (Y_ij - sum_k L_ik F_jk)^2 + sum_k (Lvar_ik F2_jk + L_ik^2 Fvar_jk); the
+        variance part is kept apart from the means (mean2 - mean^2 would lose it).
+        """
         by_row = uses_rows(self.noise)
-        L, L2, F, F2 = (
-            t.to(_F64)
-            for t in (
-                self.loadings.mean,
-                self.loadings.mean2,
-                self.factors.mean,
-                self.factors.mean2,
-            )
-        )
-        if by_row:
-            L, L2, F, F2 = F, F2, L, L2  # sums over columns: swap the roles
+        lo, fa = (self.loadings, self.factors) if not by_row else (self.factors, self.loadings)
+        L, Lv, F, Fv = (t.to(_F64) for t in (lo.mean, lo.var, fa.mean, fa.var))
+        L2sq, F2 = L * L, F * F + Fv
         if self.masked:
             m = self.data.mask.to(_F64)
             r = self.resid.to(_F64)
             if by_row:
                 m, r = m.T, r.T
-            base = (r * r).sum(0)
-            return base + (F2 * (m.T @ L2)).sum(1) - (F * F * (m.T @ (L * L))).sum(1)
+            return (r * r).sum(0) + (F2 * (m.T @ Lv)).sum(1) + (Fv * (m.T @ L2sq)).sum(1)
         sq = self.data.row_sq if by_row else self.data.col_sq
         prod = self._cached_product("loadings" if by_row else "factors").to(_F64)
         return (
             sq
             - 2.0 * (F * prod).sum(1)
             + ((F @ (L.T @ L)) * F).sum(1)
-            + F2 @ L2.sum(0)
-            - (F * F) @ (L * L).sum(0)
+            + F2 @ Lv.sum(0)
+            + Fv @ L2sq.sum(0)
         )
 
     def update_noise(self) -> None:

@@ -237,7 +237,7 @@ def fit_ebmf(
             if fixed_side == "loadings":
                 engine.add_factor(
                     v,
-                    v * v,
+                    torch.zeros_like(v),
                     torch.zeros(p, dtype=dt, device=dev),
                     torch.ones(p, dtype=dt, device=dev),
                     flat,
@@ -249,7 +249,7 @@ def fit_ebmf(
                     torch.zeros(n, dtype=dt, device=dev),
                     torch.ones(n, dtype=dt, device=dev),
                     v,
-                    v * v,
+                    torch.zeros_like(v),
                     flat,
                     flat,
                     fixed_f=True,
@@ -272,7 +272,12 @@ def fit_ebmf(
         for j in range(l0.shape[1]):
             kk = engine.k
             engine.add_factor(
-                l0[:, j], l0[:, j] ** 2, f0[:, j], f0[:, j] ** 2, choose_l[kk], choose_f[kk]
+                l0[:, j],
+                torch.zeros_like(l0[:, j]),
+                f0[:, j],
+                torch.zeros_like(f0[:, j]),
+                choose_l[kk],
+                choose_f[kk],
             )
     if engine.k:
         engine.update_noise()
@@ -341,7 +346,7 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
         return False, elbo_before
     snap = engine.snapshot()
     l0, f0 = pair
-    engine.add_factor(l0, l0 * l0, f0, f0 * f0, prior_l, prior_f)
+    engine.add_factor(l0, torch.zeros_like(l0), f0, torch.zeros_like(f0), prior_l, prior_f)
 
     def step() -> list[int]:
         for which in ("loadings", "factors"):
@@ -482,7 +487,7 @@ def _result(engine: Engine, trace, converged, stop, n_iter) -> EBMFResult:
         return t[:, order].cpu().numpy() if engine.k else t.cpu().numpy()
 
     def sd(side):
-        return cols(torch.sqrt((side.mean2 - side.mean**2).clamp(min=0)))
+        return cols(torch.sqrt(side.var.clamp(min=0)))
 
     if engine.noise == "constant":
         noise_sd = float(torch.sqrt(inv_b[0]))

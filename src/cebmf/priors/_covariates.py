@@ -75,8 +75,9 @@ def _fits(weights: dict, d: int) -> bool:
 
 
 def _load_network(net: CovariateNet, weights: dict) -> None:
-    """Load saved weights; output rows the saved network lacks (components added to a
-    grid since) get weight 0 and bias -30, i.e. no prior weight."""
+    """Load saved weights. Output rows the saved network lacks (components added to a grid
+    since) copy its last row with the bias lowered by 40: their logit is then 40 below an
+    existing one for every covariate value, i.e. a prior weight below e^-40."""
     ref = net.state_dict()
     new = {}
     for key, value in weights.items():
@@ -87,12 +88,10 @@ def _load_network(net: CovariateNet, weights: dict) -> None:
                     f"the saved network does not fit these covariates ({key}: "
                     f"{tuple(v.shape)} vs {tuple(ref[key].shape)})."
                 )
-            pad = torch.full(
-                (ref[key].shape[0] - v.shape[0], *v.shape[1:]),
-                -30.0 if key == "out.bias" else 0.0,
-                dtype=v.dtype,
-                device=v.device,
-            )
+            extra = ref[key].shape[0] - v.shape[0]
+            pad = v[-1:].repeat(extra, *([1] * (v.ndim - 1)))
+            if key == "out.bias":
+                pad = pad - 40.0
             v = torch.cat([v, pad])
         new[key] = v
     net.load_state_dict(new)
