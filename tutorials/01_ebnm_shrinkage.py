@@ -373,8 +373,8 @@ print(
 # ## 6. Real data: differential expression in PBMCs
 #
 # scanpy ships `pbmc68k_reduced`, 700 peripheral blood cells and 765 genes with cell-type
-# labels. `cebmf.demo.pbmc68k_counts()` recovers its integer counts, and
-# `cebmf.demo.de_estimates(adata, group)` computes, for every gene, the difference in mean
+# labels. `cebmf.datasets.pbmc68k_counts()` recovers its integer counts, and
+# `cebmf.datasets.de_estimates(adata, group)` computes, for every gene, the difference in mean
 # log-normalised expression (log1p of counts per 10 000) between one cell type and all
 # other cells, with its standard error.
 #
@@ -382,7 +382,7 @@ print(
 # estimates of many genes rest on a handful of counts and are very noisy.
 
 # %%
-from cebmf.demo import de_estimates, pbmc68k_counts  # noqa: E402
+from cebmf.datasets import de_estimates, pbmc68k_counts  # noqa: E402
 
 adata = pbmc68k_counts()
 print(adata)

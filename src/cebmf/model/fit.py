@@ -320,7 +320,7 @@ def _progress(enabled: bool):
     if enabled:
         from tqdm.auto import tqdm
 
-        return tqdm(desc="cebmf", unit="step", leave=False)
+        return tqdm(desc="cebmf", unit="step", leave=False, mininterval=0.5)
 
     class _Silent:
         def update(self, *_):

@@ -132,7 +132,7 @@ class CovariatePrior(Prior):
         hidden_layers: int | None = None,
         weight_decay: float = 1e-2,
         max_iter: int = 100,
-        warm_iter: int = 20,
+        warm_iter: int = 10,
         tol: float = 1e-9,
         seed: int = 0,
     ) -> None:
