@@ -410,8 +410,9 @@ class Engine:
     def update_noise(self) -> None:
         by_row = uses_rows(self.noise)
         n_obs = self.data.n_obs_row if by_row else self.data.n_obs_col
+        sq = self.data.row_sq if by_row else self.data.col_sq
         self.a, self.b = estimate_precision(
-            self.noise, self.expected_sq_resid(), n_obs, self.data.shape
+            self.noise, self.expected_sq_resid(), n_obs, self.data.shape, sq / n_obs
         )
 
     def elbo(self) -> float:

@@ -12,9 +12,13 @@ import torch
 
 NOISE_MODELS = ("constant", "row", "column")
 
-# variance floor relative to the mean variance: a row or column fitted exactly would
-# otherwise get an infinite precision
-_VAR_FLOOR = 1e-10
+# Variance floor, relative to the mean square of the data sharing a precision: a gene
+# fitted almost exactly by a factor would otherwise get a precision so large that the
+# rounding error of its expected squared residual (computed without forming the residual)
+# dominates the ELBO. A floor of 1e-6 (an sd of 0.1% of the RMS) keeps that error below
+# ~1e-9 nats per observation; as a fixed bound it keeps the noise update an exact
+# (constrained) maximiser, so the ELBO still never decreases.
+_VAR_FLOOR = 1e-6
 
 
 def check_noise(noise: str) -> str:
@@ -33,20 +37,26 @@ def estimate_precision(
     sq_resid: torch.Tensor,
     n_obs: torch.Tensor,
     shape: tuple[int, int],
+    mean_square: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximum-ELBO precisions ``(a, b)`` (float64) from the expected squared residuals.
 
-    ``sq_resid`` and ``n_obs`` are per row for ``noise="row"``, per column otherwise.
+    ``sq_resid``, ``n_obs`` and ``mean_square`` (of the data) are per row for
+    ``noise="row"``, per column otherwise. Variances are at least ``_VAR_FLOOR`` times the
+    data's mean square of the same row / column (all data for ``constant``; plus 1e-6 of
+    the overall mean square, for lines without signal).
     """
     n, p = shape
     dev = sq_resid.device
-    var = sq_resid / n_obs
+    ones_n = torch.ones(n, dtype=torch.float64, device=dev)
+    ones_p = torch.ones(p, dtype=torch.float64, device=dev)
     if noise == "constant":
-        v = (sq_resid.sum() / n_obs.sum()).clamp(min=1e-300)
-        return torch.ones(n, dtype=torch.float64, device=dev), torch.full(
-            (p,), 1.0, dtype=torch.float64, device=dev
-        ) / v
-    var = var.clamp(min=max(float(var.mean()) * _VAR_FLOOR, 1e-300))
+        floor = _VAR_FLOOR * float((mean_square * n_obs).sum() / n_obs.sum())
+        v = max(float(sq_resid.sum() / n_obs.sum()), floor, 1e-300)
+        return ones_n, ones_p / v
+    # rows / columns without any signal fall back to a floor relative to all the data
+    floor = _VAR_FLOOR * (mean_square + 1e-6 * mean_square.mean())
+    var = torch.maximum(sq_resid / n_obs, floor).clamp(min=1e-300)
     if noise == "row":
-        return 1.0 / var, torch.ones(p, dtype=torch.float64, device=dev)
-    return torch.ones(n, dtype=torch.float64, device=dev), 1.0 / var
+        return 1.0 / var, ones_p
+    return ones_n, 1.0 / var

@@ -1,0 +1,302 @@
+"""cebmf.tl.fit on AnnData / MuData: input kinds, outputs, round trips, real data, errors."""
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import shared_data
+
+import cebmf
+from cebmf.datasets import pbmc68k_counts
+
+matplotlib.use("Agg")
+
+FAST = {"n_factors": 4, "max_iter": 30}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    a = pbmc68k_counts()[:250].copy()
+    keep = np.asarray((a.X > 0).sum(0)).ravel() >= 10
+    return a[:, keep].copy()
+
+
+def _snapshot(x):
+    if sp.issparse(x):
+        return (type(x), x.dtype, x.data.copy(), x.indices.copy(), x.indptr.copy())
+    return (type(x), x.dtype, np.array(x, copy=True))
+
+
+def _same(x, snap) -> bool:
+    if type(x) is not snap[0] or x.dtype != snap[1]:
+        return False
+    if sp.issparse(x):
+        return (
+            np.array_equal(x.data, snap[2])
+            and np.array_equal(x.indices, snap[3])
+            and np.array_equal(x.indptr, snap[4])
+        )
+    return np.array_equal(np.asarray(x), snap[2])
+
+
+def _check_outputs(a, key="cebmf"):
+    n, p = a.shape
+    k = a.obsm[f"X_{key}"].shape[1]
+    assert k >= 1
+    for name in (f"X_{key}", f"X_{key}_sd", f"X_{key}_lfsr"):
+        assert a.obsm[name].shape == (n, k) and a.obsm[name].dtype == np.float64
+    for name in (f"{key}_factors", f"{key}_factors_sd", f"{key}_factors_lfsr"):
+        assert a.varm[name].shape == (p, k) and a.varm[name].dtype == np.float64
+    rec = a.uns[key]
+    for field in (
+        "params",
+        "elbo",
+        "pve",
+        "noise_sd",
+        "converged",
+        "n_iter",
+        "factor_names",
+        "priors",
+        "var_mask",
+    ):
+        assert field in rec, field
+    assert len(rec["factor_names"]) == k and rec["pve"].shape == (k,)
+    assert set(rec["priors"]) == set(rec["factor_names"])
+    assert np.all(np.diff(rec["elbo"]) >= -1e-9 * np.abs(rec["elbo"]).max())
+    return k
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense", "layer", "logged"])
+def test_every_input_kind_fits_and_leaves_the_input_untouched(counts, kind):
+    a = counts.copy()
+    if kind == "csc":
+        a.X = sp.csc_matrix(a.X)
+    elif kind == "dense":
+        a.X = a.X.toarray()
+    elif kind == "layer":
+        a.layers["counts"] = a.X.copy()
+        a.X = sp.csr_matrix(np.log1p(a.X.toarray().astype(float)))  # something else in X
+    elif kind == "logged":
+        lib = np.asarray(a.X.sum(1)).ravel()
+        a.X = sp.csr_matrix(np.log1p(a.X.toarray() / lib[:, None] * 1e4))
+    target = a.layers["counts"] if kind == "layer" else a.X
+    snap, x_snap = _snapshot(target), _snapshot(a.X)
+    cebmf.tl.fit(a, layer="counts" if kind == "layer" else None, **FAST)
+    _check_outputs(a)
+    assert _same(target, snap) and _same(a.X, x_snap)
+    expected = "none" if kind == "logged" else "log1p_normalize"
+    assert a.uns["cebmf"]["params"]["transform"] == expected
+
+
+def test_integer_counts_and_logged_data_give_the_same_fit(counts):
+    raw = counts.copy()
+    logged = counts.copy()
+    lib = np.asarray(counts.X.sum(1)).ravel()
+    logged.X = sp.csr_matrix(np.log1p(counts.X.toarray() / lib[:, None] * 1e4))
+    cebmf.tl.fit(raw, **FAST)
+    cebmf.tl.fit(logged, **FAST)
+    np.testing.assert_allclose(raw.obsm["X_cebmf"], logged.obsm["X_cebmf"], atol=1e-8)
+
+
+def test_h5ad_round_trip_keeps_every_output(counts, tmp_path):
+    a = counts.copy()
+    a.obs["group"] = pd.Categorical(np.where(np.arange(a.n_obs) % 3 == 0, "x", "y"))
+    cebmf.tl.fit(a, obs_covariates=["percent_mito", "group"], **FAST)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b = ad.read_h5ad(tmp_path / "a.h5ad")
+    for key in ("X_cebmf", "X_cebmf_sd", "X_cebmf_lfsr"):
+        np.testing.assert_array_equal(a.obsm[key], b.obsm[key])
+    np.testing.assert_array_equal(a.varm["cebmf_factors"], b.varm["cebmf_factors"])
+    ra, rb = a.uns["cebmf"], b.uns["cebmf"]
+    np.testing.assert_array_equal(ra["elbo"], rb["elbo"])
+    g_a = ra["priors"]["factor_1"]["loadings"]
+    g_b = rb["priors"]["factor_1"]["loadings"]
+    assert g_a["family"] == g_b["family"] == "cash"
+    np.testing.assert_array_equal(g_a["pi0"], g_b["pi0"])
+    # the stored prior is usable after the round trip
+    params = cebmf.priors.get_prior("cash").prior_parameters(g_b, rb["covariates"]["loadings"])
+    np.testing.assert_allclose(params["pi"][:, 0], g_a["pi0"], rtol=1e-10)
+    assert list(rb["params"]["obs_covariates"]) == ["percent_mito", "group=x", "group=y"]
+
+
+def test_key_added_twice_and_copy(counts):
+    a = counts.copy()
+    cebmf.tl.fit(a, key_added="first", **FAST)
+    first = a.obsm["X_first"].copy()
+    cebmf.tl.fit(a, key_added="second", prior_loadings="point_exponential", **FAST)
+    np.testing.assert_array_equal(a.obsm["X_first"], first)
+    assert a.obsm["X_second"].min() >= 0
+    assert a.uns["first"]["params"]["prior_loadings"] == "point_normal"
+    assert a.uns["second"]["params"]["prior_loadings"] == "point_exponential"
+    b = counts.copy()
+    keys_before = (set(b.obsm), set(b.varm), set(b.uns))
+    out = cebmf.tl.fit(b, copy=True, **FAST)
+    assert (set(b.obsm), set(b.varm), set(b.uns)) == keys_before
+    assert "X_cebmf" in out.obsm
+
+
+def test_mask_var_gives_full_length_outputs_with_zero_rows(counts):
+    a = counts.copy()
+    hv = np.zeros(a.n_vars, dtype=bool)
+    hv[::2] = True
+    a.var["highly_variable"] = hv
+    cebmf.tl.fit(a, **FAST)  # highly_variable is the default mask
+    f = a.varm["cebmf_factors"]
+    assert np.all(f[~hv] == 0)
+    assert np.all(a.varm["cebmf_factors_lfsr"][~hv] == 1)
+    assert np.all(a.uns["cebmf"]["var_mask"] <= hv)
+
+
+def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
+    import mudata as md
+
+    rng = np.random.default_rng(0)
+    atac = ad.AnnData(
+        sp.csr_matrix(rng.poisson(0.3, (counts.n_obs, 120)).astype(np.int64)),
+        obs=pd.DataFrame(index=counts.obs_names),
+    )
+    mdata = md.MuData({"rna": counts.copy(), "atac": atac})
+    mdata.obs["percent_mito"] = counts.obs["percent_mito"].to_numpy()
+    cebmf.tl.fit(
+        mdata, transform={"rna": "auto", "atac": "tfidf"}, obs_covariates="percent_mito", **FAST
+    )
+    k = mdata.obsm["X_cebmf"].shape[1]
+    assert mdata["rna"].varm["cebmf_factors"].shape == (counts.n_vars, k)
+    assert mdata["atac"].varm["cebmf_factors"].shape == (120, k)
+    pve = mdata.uns["cebmf"]["pve_by_mod"]
+    assert set(pve) == {"rna", "atac"} and all(v.shape == (k,) for v in pve.values())
+    assert mdata.uns["cebmf"]["params"]["transform"] == {"rna": "log1p_normalize", "atac": "tfidf"}
+    mdata.write_h5mu(tmp_path / "m.h5mu")
+    back = md.read_h5mu(tmp_path / "m.h5mu")
+    np.testing.assert_array_equal(back.obsm["X_cebmf"], mdata.obsm["X_cebmf"])
+    np.testing.assert_array_equal(
+        back["atac"].varm["cebmf_factors"], mdata["atac"].varm["cebmf_factors"]
+    )
+    # modalities on different cells are refused
+    other = md.MuData({"rna": counts.copy(), "atac": atac[:-5].copy()})
+    with pytest.raises(ValueError, match="does not have the MuData's cells"):
+        cebmf.tl.fit(other, **FAST)
+
+
+def test_bad_inputs_name_the_argument(counts):
+    a = counts.copy()
+    with pytest.raises(
+        ValueError,
+        match=r"obs_covariates: 'nope' is neither a column of adata\.obs nor a key",
+    ):
+        cebmf.tl.fit(a, obs_covariates="nope", **FAST)
+    a.obs["with_nan"] = np.where(np.arange(a.n_obs) == 3, np.nan, 1.0 * np.arange(a.n_obs))
+    with pytest.raises(ValueError, match="column 'with_nan' has 1 NaN"):
+        cebmf.tl.fit(a, obs_covariates="with_nan", **FAST)
+    a.obs["label"] = np.array(["a", "b"] * (a.n_obs // 2))
+    with pytest.raises(ValueError, match=r"'label' has dtype object.*astype\('category'\)"):
+        cebmf.tl.fit(a, obs_covariates="label", **FAST)
+    with pytest.raises(ValueError, match="obs_covariates has 10 rows but there are 250 cells"):
+        cebmf.tl.fit(a, obs_covariates=np.ones((10, 2)), **FAST)
+    with pytest.raises(ValueError, match="layer='raw' is not a layer"):
+        cebmf.tl.fit(a, layer="raw", **FAST)
+    neg = counts.copy()
+    neg.X = neg.X.astype(np.float64)
+    neg.X.data[0] = -1.0
+    with pytest.raises(ValueError, match="transform='log1p_normalize' needs non-negative"):
+        cebmf.tl.fit(neg, transform="log1p_normalize", **FAST)
+    with pytest.raises(ValueError, match="mask_var selects no genes"):
+        cebmf.tl.fit(a, mask_var=np.zeros(a.n_vars, dtype=bool), **FAST)
+    with pytest.raises(ValueError, match="transform='zscore' is not a transform"):
+        cebmf.tl.fit(a, transform="zscore", **FAST)
+
+
+def test_cli_fit_on_the_demo_output(tmp_path):
+    from cebmf.cli import main
+    from cebmf.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", n_factors=5)
+    assert "factors chosen by the data" in summary
+    for name in (
+        "factors_umap.png",
+        "top_genes.png",
+        "variance_explained.png",
+        "structure.png",
+        "elbo.png",
+        "prior_percent_mito.png",
+    ):
+        assert (tmp_path / "demo" / name).stat().st_size > 5_000
+    out = tmp_path / "refit.h5ad"
+    assert (
+        main(
+            [
+                "fit",
+                str(tmp_path / "demo" / "pbmc68k_cebmf.h5ad"),
+                str(out),
+                "-q",
+                "--n-factors",
+                "3",
+                "--key-added",
+                "refit",
+                "--obs-covariates",
+                "percent_mito",
+            ]
+        )
+        == 0
+    )
+    b = ad.read_h5ad(out)
+    assert "X_refit" in b.obsm and "X_cebmf" in b.obsm
+    assert b.uns["refit"]["params"]["prior_loadings"] == "cash"
+
+
+# ---- real data (../shared/data) ----------------------------------------------------------
+
+
+def test_pbmc_facs_through_tl_separates_cell_types():
+    a = ad.read_h5ad(shared_data("pbmc_facs_fasttopics.h5ad"))
+    y = cebmf.data.log1p_normalize(a.X)
+    mean = np.asarray(y.mean(0)).ravel()
+    var = np.asarray(y.multiply(y).mean(0)).ravel() - mean**2
+    hv = np.zeros(a.n_vars, dtype=bool)
+    hv[np.argsort(-var)[:500]] = True
+    a.var["highly_variable"] = hv
+    cebmf.tl.fit(a, n_factors=40)
+    k = _check_outputs(a)
+    assert 5 <= k < 40
+    means = pd.DataFrame(a.obsm["X_cebmf"]).groupby(a.obs["celltype"].astype(str).to_numpy())
+    means = means.mean()
+    sd = a.obsm["X_cebmf"].std(0)
+    for major in ["CD19+ B", "CD14+ Monocyte", "CD56+ NK", "CD34+"]:
+        others = means.drop(index=major)
+        best = max(
+            float(np.max((s * means.loc[major] - (s * others).max()) / sd)) for s in (1.0, -1.0)
+        )
+        assert best > 1.0, (major, best)
+
+
+def test_spatial_coordinates_as_covariates_and_plots(tmp_path):
+    a = ad.read_h5ad(shared_data("mouse_olfactory_bulb_st_rep11.h5ad"))
+    keep = np.asarray((a.X > 0).sum(0)).ravel() >= 20
+    a = a[:, keep].copy()
+    cebmf.tl.fit(a, obs_covariates="spatial", n_factors=8)
+    k = _check_outputs(a)
+    assert a.uns["cebmf"]["params"]["prior_loadings"] == "cash"
+    assert a.uns["cebmf"]["covariates"]["loadings"].shape == (a.n_obs, 2)
+    fig = cebmf.pl.embedding(a, basis="spatial", show=False, return_fig=True)
+    fig.savefig(tmp_path / "spatial.png")
+    fig = cebmf.pl.prior(a, factor=k - 1, basis="spatial", show=False, return_fig=True)
+    fig.savefig(tmp_path / "prior.png")
+    assert (tmp_path / "spatial.png").stat().st_size > 5_000
+    assert (tmp_path / "prior.png").stat().st_size > 5_000
+
+
+def test_technology_is_used_as_a_categorical_covariate():
+    a = ad.read_h5ad(shared_data("pbmc_3tech_symphony_1200.h5ad"))
+    keep = np.asarray((a.X > 0).sum(0)).ravel() >= 10
+    a = a[:, keep].copy()
+    a.obs["technology"] = a.obs["technology"].astype("category")
+    cebmf.tl.fit(a, obs_covariates=["technology"], n_factors=6)
+    _check_outputs(a)
+    cats = list(a.obs["technology"].cat.categories)
+    labels = list(a.uns["cebmf"]["params"]["obs_covariates"])
+    assert labels == [f"technology={c}" for c in cats]
+    cov = a.uns["cebmf"]["covariates"]["loadings"]
+    np.testing.assert_array_equal(cov.sum(1), 1.0)  # one-hot
+    np.testing.assert_array_equal(cov.argmax(1), a.obs["technology"].cat.codes.to_numpy())
