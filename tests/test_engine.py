@@ -14,6 +14,7 @@ import torch
 
 import cebmf
 from cebmf.data import as_data_matrix
+from cebmf.data.matrix import SparseData
 from cebmf.model.engine import Engine
 from cebmf.model.init import leading_pair
 from cebmf.priors import available_priors, get_prior
@@ -161,8 +162,15 @@ def test_sparse_and_dense_updates_agree_to_rounding(noise):
     y = _log_counts()
     assert (y == 0).mean() > 0.4
     engines = []
-    for data in (y, sp.csr_matrix(y), torch.tensor(y).to_sparse_csr()):
-        eng = Engine(as_data_matrix(data, dtype=F64, device=torch.device("cpu")), noise)
+    cpu = torch.device("cpu")
+    datas = [
+        as_data_matrix(d, dtype=F64, device=cpu)
+        for d in (y, sp.csr_matrix(y), torch.tensor(y).to_sparse_csr())
+    ]
+    datas.append(SparseData(sp.csr_matrix(y), F64, cpu, backend="torch"))  # the GPU kernels
+    assert datas[1].scipy is not None and datas[3].scipy is None
+    for data in datas:
+        eng = Engine(data, noise)
         eng.update_noise()
         engines.append(eng)
     gen = torch.Generator().manual_seed(0)
@@ -188,6 +196,28 @@ def test_sparse_and_dense_updates_agree_to_rounding(noise):
                 atol=1e-12,
             )
         assert eng.elbo() == pytest.approx(ref_eng.elbo(), rel=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+def test_chunked_sparse_sums_and_row_scaling_match_dense(fmt):
+    from cebmf.data.transforms import (
+        column_sums_of_squares,
+        row_sums_of_squares,
+        scale_rows_inplace,
+    )
+
+    rng = np.random.default_rng(3)
+    y = sp.random(300, 40, density=0.1, format="csr", random_state=rng, dtype=np.float32)
+    y = sp.vstack([y, sp.csr_matrix((5, 40), dtype=np.float32)], format="csr")  # empty rows
+    dense = y.toarray().astype(np.float64)
+    m = y.asformat(fmt)
+    # chunks of 7 stored values cross many row boundaries
+    np.testing.assert_allclose(column_sums_of_squares(m, chunk=7), (dense**2).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(row_sums_of_squares(m, chunk=7), (dense**2).sum(1), rtol=1e-6)
+    scale = rng.random(y.shape[0])
+    scaled = y.astype(np.float64)
+    scale_rows_inplace(scaled, scale, chunk=7)
+    np.testing.assert_allclose(scaled.toarray(), dense * scale[:, None], rtol=1e-12)
 
 
 def test_sparse_and_dense_fits_agree():

@@ -43,9 +43,63 @@ def log1p_normalize(
         totals = sf * totals.mean()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     if sp.issparse(out):
-        out.data *= np.repeat(scale, np.diff(out.indptr))
+        scale_rows_inplace(out, scale)
         np.log1p(out.data, out=out.data)
     else:
         out *= scale[:, None]
         np.log1p(out, out=out)
+    return out
+
+
+def scale_rows_inplace(csr: sp.csr_matrix, scale: np.ndarray, chunk: int = 1 << 20) -> None:
+    """``csr[i, :] *= scale[i]`` on the stored values, in row blocks of about ``chunk``
+    non-zeros (no temporary of the size of the matrix)."""
+    indptr = csr.indptr
+    n = csr.shape[0]
+    start = 0
+    while start < n:
+        stop = int(np.searchsorted(indptr, indptr[start] + chunk, side="right"))
+        stop = min(max(stop - 1, start + 1), n)
+        a, b = indptr[start], indptr[stop]
+        csr.data[a:b] *= np.repeat(scale[start:stop], np.diff(indptr[start : stop + 1]))
+        start = stop
+
+
+def column_sums_of_squares(csr: sp.spmatrix, chunk: int = 1 << 20) -> np.ndarray:
+    """sum_i x_ij^2 per column, in blocks of ``chunk`` stored values (CSR or CSC, no copy;
+    other sparse formats are converted to CSR)."""
+    if csr.format == "csc":
+        return row_sums_of_squares(csr.T, chunk)
+    if csr.format != "csr":
+        csr = sp.csr_matrix(csr)
+    out = np.zeros(csr.shape[1])
+    for a in range(0, csr.nnz, chunk):
+        b = min(a + chunk, csr.nnz)
+        out += np.bincount(
+            csr.indices[a:b],
+            weights=np.square(csr.data[a:b], dtype=np.float64),
+            minlength=csr.shape[1],
+        )
+    return out
+
+
+def row_sums_of_squares(csr: sp.spmatrix, chunk: int = 1 << 20) -> np.ndarray:
+    """sum_j x_ij^2 per row, in row blocks of about ``chunk`` stored values (CSR or CSC, no
+    copy; other sparse formats are converted to CSR)."""
+    if csr.format == "csc":
+        return column_sums_of_squares(csr.T, chunk)
+    if csr.format != "csr":
+        csr = sp.csr_matrix(csr)
+    out = np.zeros(csr.shape[0])
+    indptr = csr.indptr
+    n = csr.shape[0]
+    start = 0
+    while start < n:
+        stop = int(np.searchsorted(indptr, indptr[start] + chunk, side="right"))
+        stop = min(max(stop - 1, start + 1), n)
+        a, b = indptr[start], indptr[stop]
+        sq = np.square(csr.data[a:b], dtype=np.float64)
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr[start : stop + 1]))
+        out[start:stop] = np.bincount(rows, weights=sq, minlength=stop - start)
+        start = stop
     return out

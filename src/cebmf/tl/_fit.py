@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..data.transforms import column_sums_of_squares
 from ..model.fit import fit_ebmf
 from ..priors.base import Prior
 from ..priors.block import BlockPrior
@@ -60,10 +61,7 @@ def _prepare_matrix(
     y, resolved = _transform(sub, transform, sf, target_sum, totals, f"{prefix}transform")
     # genes without any signal cannot have a per-gene noise variance: leave them out
     if sp.issparse(y):
-        ysq = y.copy()
-        ysq.data **= 2
-        col_sq = np.asarray(ysq.sum(0)).ravel()
-        del ysq
+        col_sq = column_sums_of_squares(y)
     else:
         col_sq = np.nansum(np.asarray(y, dtype=np.float64) ** 2, 0)
     empty = col_sq <= 0
