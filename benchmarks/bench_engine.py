@@ -222,6 +222,10 @@ def main(argv=None) -> int:
                 "pca": not args.no_pca,
             }
             cases.append((f"sparse-{n:.0e}".replace("+0", ""), cfg, None))
+    if "tl" in wanted:
+        n = max(int(float(v)) for v in args.sizes.split(","))
+        cfg = {"kind": "tl", "n": n, "p": args.p, "max_sweeps": args.max_sweeps}
+        cases.append((f"tl-{n:.0e}".replace("+0", ""), cfg, None))
     import torch
 
     print(
@@ -250,7 +254,7 @@ def main(argv=None) -> int:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         dims = (
             f"{cfg.get('n', '')}x{cfg.get('p', '')}"
-            if cfg["kind"] == "sparse"
+            if cfg["kind"] in ("sparse", "tl")
             else {"peer-dense": "5000x1000", "peer-counts": "20000x2000"}[name]
         )
         ref_elbo = f"{spec['ref_elbo']:,.2f}" if spec else "-"

@@ -100,7 +100,8 @@ class DenseData(DataMatrix):
             self.n_obs_col = self.mask.sum(0, dtype=_F64)
 
     def matmul(self, b):
-        return self.values @ b
+        # (b^T Y^T)^T: a row-major Y times a thin b is ~3x slower as Y @ b on CPU (float32)
+        return (b.T @ self.values.T).T.contiguous()
 
     def rmatmul(self, a):
         # (a^T Y)^T reads Y row-major; Y.T @ a with several columns is ~3x slower on CPU
