@@ -61,13 +61,17 @@ def _box_qp(h: np.ndarray, b: np.ndarray, y0: np.ndarray, tol: float) -> np.ndar
     return np.maximum(y, 0.0)
 
 
+#: Cold starts on more than 4x this many observations are pre-solved on a subsample.
+_PRESOLVE_N = 50_000
+
+
 def mixsqp(
     lik: torch.Tensor,
     pi_init: torch.Tensor | None = None,
     *,
     tol: float = 1e-8,
     max_iter: int = 200,
-    hessian_budget: float = 4e8,
+    hessian_budget: float = 5e7,
 ) -> torch.Tensor:
     """Maximum-likelihood weights for the (K, n) likelihood matrix ``lik`` (float64).
 
@@ -83,6 +87,17 @@ def mixsqp(
     k, n = lik.shape
     if k == 1:
         return torch.ones(1, dtype=lik.dtype, device=lik.device)
+    if pi_init is None and n >= 4 * _PRESOLVE_N:
+        # a cold start on many observations: solve an evenly spaced subsample first and
+        # start from its weights (the full problem then needs a few iterations, not ~15)
+        step = n // _PRESOLVE_N
+        pi_init = mixsqp(
+            lik[:, ::step].contiguous(),
+            None,
+            tol=tol,
+            max_iter=max_iter,
+            hessian_budget=hessian_budget,
+        )
     if pi_init is None:
         w = torch.full((k,), 1.0 / k, dtype=lik.dtype, device=lik.device)
     else:
