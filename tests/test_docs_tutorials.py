@@ -1,6 +1,6 @@
 """The tutorials run top to bottom and compute what they claim; the docs build cleanly.
 
-The tutorial is executed in-process with ``runpy`` (as ``__main__``, exactly like
+Each tutorial is executed once in-process with ``runpy`` (as ``__main__``, exactly like
 ``python tutorials/01_ebnm_shrinkage.py``) under the Agg backend, from an empty working
 directory and with ``tempfile`` pointed at the test's temporary directory, so that we can
 check both its results and that it writes nothing anywhere else.
@@ -18,29 +18,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "tutorials" / "01_ebnm_shrinkage.py"
+TUTORIAL2 = ROOT / "tutorials" / "02_scverse_cebmf.py"
 DOCS = ROOT / "docs"
 
 
-@pytest.fixture(scope="module")
-def tutorial(tmp_path_factory):
-    """Run the tutorial once; return its global namespace and its scratch directories."""
+def _run_tutorial(path, tmp_path_factory, name):
+    """Run a tutorial as ``__main__`` from an empty working directory, with ``tempfile``
+    pointed at a fresh directory; return its namespace and the two directories."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import pandas as pd
 
-    tmp = tmp_path_factory.mktemp("tutorial_tmp")
-    cwd = tmp_path_factory.mktemp("tutorial_cwd")
+    tmp = tmp_path_factory.mktemp(f"{name}_tmp")
+    cwd = tmp_path_factory.mktemp(f"{name}_cwd")
     mp = pytest.MonkeyPatch()
     mp.setattr(tempfile, "tempdir", str(tmp))
     mp.chdir(cwd)
     try:
-        # the tutorial sets pandas display options; restore them afterwards
+        # the tutorials set pandas display options; restore them afterwards
         with pd.option_context("display.width", 80, "display.precision", 6):
-            ns = runpy.run_path(str(TUTORIAL), run_name="__main__")
+            ns = runpy.run_path(str(path), run_name="__main__")
     finally:
         mp.undo()
     return ns, tmp, cwd
+
+
+@pytest.fixture(scope="module")
+def tutorial(tmp_path_factory):
+    """Run the tutorial once; return its global namespace and its scratch directories."""
+    return _run_tutorial(TUTORIAL, tmp_path_factory, "tutorial")
+
+
+@pytest.fixture(scope="module")
+def tutorial2(tmp_path_factory):
+    """Run tutorial 02 (cEBMF on AnnData) once."""
+    return _run_tutorial(TUTORIAL2, tmp_path_factory, "tutorial2")
 
 
 def test_tutorial_writes_only_into_a_temp_dir(tutorial):
@@ -108,15 +121,164 @@ def test_tutorial_pbmc_shrinkage_demotes_noisy_genes(tutorial):
     assert np.all(np.abs(de["shrunk"]) <= np.abs(de["estimate"]) + 1e-9)
 
 
-def test_tutorial_is_a_jupytext_percent_script():
-    text = TUTORIAL.read_text()
+# ---- tutorial 02: cEBMF on AnnData -----------------------------------------------------
+
+FIGURES2 = [
+    "elbo.png",
+    "factors_umap.png",
+    "prior.png",
+    "structure.png",
+    "top_genes.png",
+    "variance_explained.png",
+]
+
+# well-known markers (present among pbmc68k_reduced's 765 genes, checked below)
+MARKERS = {
+    "CD56+ NK": {"GNLY", "NKG7"},
+    "CD19+ B": {"CD79A", "CD79B", "MS4A1"},
+    "myeloid": {"LYZ", "CST3", "S100A8", "S100A9", "FCN1"},
+}
+
+
+def _specificity(loadings, labels, group):
+    """Best (specificity, factor, sign) for a set of cell types, computed here from the
+    loadings: how far the group's lowest mean loading lies above the highest mean of any
+    other type, in units of the factor's sd over all cells."""
+    import pandas as pd
+
+    means = pd.DataFrame(loadings).groupby(labels).mean()
+    sd = loadings.std(0)
+    best = (-np.inf, -1, 0.0)
+    for k in range(loadings.shape[1]):
+        for sign in (1.0, -1.0):
+            col = sign * means[k]
+            score = (col[group].min() - col.drop(index=group).max()) / sd[k]
+            best = max(best, (score, k, sign))
+    return best
+
+
+def test_tutorial2_writes_only_into_a_temp_dir(tutorial2):
+    ns, tmp, cwd = tutorial2
+    assert list(cwd.iterdir()) == [], "the tutorial wrote into the working directory"
+    figdir = ns["FIGDIR"]
+    assert figdir is not None and Path(figdir).parent == tmp
+    assert sorted(p.name for p in Path(figdir).iterdir()) == FIGURES2
+    assert all((Path(figdir) / name).stat().st_size > 10_000 for name in FIGURES2)
+
+
+def test_tutorial2_fit_is_stored_in_the_anndata(tutorial2):
+    ns, *_ = tutorial2
+    adata, record = ns["adata"], ns["record"]
+    k = ns["n_factors_chosen"]
+    # the number of factors is chosen by the data, up to the cap
+    assert 3 <= k <= ns["N_FACTORS"]
+    assert adata.obsm["X_cebmf"].shape == (700, k)
+    assert adata.varm["cebmf_factors"].shape == (765, k)
+    assert record["params"]["prior_loadings"] == "cash"
+    assert record["params"]["transform"] == "log1p_normalize"
+    assert list(record["params"]["obs_covariates"]) == ["percent_mito", "log10_n_counts"]
+    assert record["covariates"]["loadings"].shape == (700, 2)
+    # variance explained: positive, sorted, and less than everything together
+    pve = ns["pve"]
+    assert pve.shape == (k,) and np.all(pve > 0)
+    assert np.all(np.diff(pve) <= 0)
+    assert pve.sum() < 1
+    # the first factor is the "average cell": positive loadings everywhere, half the variance
+    assert adata.obsm["X_cebmf"][:, 0].min() > 0
+    assert 0.3 < pve[0] < 0.7
+
+
+def test_tutorial2_elbo_traces_never_decrease(tutorial2):
+    ns, *_ = tutorial2
+    for trace, record in (
+        (ns["elbo_trace"], ns["record"]),
+        (ns["elbo_trace_plain"], ns["plain_record"]),
+    ):
+        assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace).max())
+        # one entry per accepted greedy factor and per backfit sweep (and nullcheck removal)
+        assert trace.size >= len(record["factor_names"]) + record["n_iter"]
+        assert record["elbo_final"] == pytest.approx(trace[-1], rel=1e-9)
+
+
+def test_tutorial2_finds_cell_type_programmes_with_marker_genes(tutorial2):
+    ns, *_ = tutorial2
+    adata = ns["adata"]
+    for markers in MARKERS.values():
+        assert markers <= set(adata.var_names)
+    loadings = adata.obsm["X_cebmf"]
+    factors = adata.varm["cebmf_factors"]
+    labels = adata.obs["bulk_labels"].astype(str).to_numpy()
+    groups = {
+        "CD56+ NK": ["CD56+ NK"],
+        "CD19+ B": ["CD19+ B"],
+        "myeloid": ["CD14+ Monocyte", "Dendritic"],
+    }
+    for name, group in groups.items():
+        score, k, sign = _specificity(loadings, labels, group)
+        # the group's mean loading is more than one sd above every other cell type's
+        assert score > 1.0, (name, score)
+        top = set(adata.var_names[np.argsort(-sign * factors[:, k])[:10]])
+        assert len(top & MARKERS[name]) >= 2, (name, sorted(top))
+        # the tutorial's own table agrees
+        label = name if name != "myeloid" else "myeloid (CD14+ Monocyte, Dendritic)"
+        assert ns["specificity"].loc[label, "factor"] == f"factor_{k + 1}"
+        assert ns["specificity"].loc[label, "specificity"] == pytest.approx(score)
+    # monocytes and the cells labelled Dendritic share their programme: neither type is
+    # separated on its own, and neither are the CD4 / naive T-cell subtypes
+    for hard in (
+        "CD14+ Monocyte",
+        "Dendritic",
+        "CD4+/CD25 T Reg",
+        "CD4+/CD45RA+/CD25- Naive T",
+        "CD4+/CD45RO+ Memory",
+        "CD8+/CD45RA+ Naive Cytotoxic",
+    ):
+        assert _specificity(loadings, labels, [hard])[0] < 1.0, hard
+
+
+def test_tutorial2_learned_prior_depends_on_the_covariates(tutorial2):
+    ns, *_ = tutorial2
+    adata, name = ns["adata"], ns["prior_factor"]
+    g = dict(ns["record"]["priors"][name]["loadings"])
+    assert g["family"] == "cash"
+    pi0 = np.asarray(g["pi0"])
+    assert pi0.shape == (700,) and np.all((pi0 >= 0) & (pi0 <= 1))
+    # the stored pi0 is the network evaluated at each cell's covariates
+    x = adata.obs[["percent_mito", "log10_n_counts"]].to_numpy()
+    weights = ns["cash"].prior_parameters(g, x)["pi"]
+    np.testing.assert_allclose(weights[:, 0], pi0, atol=1e-6)
+    np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-9)
+    # the prior of this factor really varies from cell to cell, with a covariate
+    assert np.ptp(pi0) > 0.5
+    assert max(abs(r) for r in ns["prior_correlations"].values()) > 0.5
+
+
+def test_tutorial2_plain_fit_finds_the_same_programmes(tutorial2):
+    ns, *_ = tutorial2
+    adata, plain = ns["adata"], ns["plain"]
+    # copy=True left the tutorial's AnnData alone and wrote under the new key
+    assert "plain" not in adata.uns and "X_plain" not in adata.obsm
+    assert "X_plain" in plain.obsm and "plain_factors" in plain.varm
+    rec = ns["plain_record"]
+    assert rec["params"]["prior_loadings"] == "point_normal"
+    assert 3 <= len(rec["factor_names"]) <= ns["N_FACTORS"]
+    assert ns["elbo_plain"] == rec["elbo_final"] and ns["elbo_cash"] == ns["record"]["elbo_final"]
+    assert np.isfinite(ns["elbo_gain"])
+    # the same factor priors on the same data: the cell-type programmes match closely
+    assert len(ns["profile_match"]) >= 2
+    assert all(c > 0.95 for c in ns["profile_match"].values()), ns["profile_match"]
+
+
+@pytest.mark.parametrize("path", [TUTORIAL, TUTORIAL2], ids=lambda p: p.stem)
+def test_tutorial_is_a_jupytext_percent_script(path):
+    text = path.read_text()
     assert text.startswith("# ---\n# jupyter:\n#   jupytext:")
     assert "format_name: percent" in text
     if importlib.util.find_spec("jupytext") is None:
         pytest.skip("jupytext is not installed (it is in the 'doc' extra, not 'test')")
     import jupytext
 
-    nb = jupytext.read(TUTORIAL)
+    nb = jupytext.read(path)
     kinds = [cell.cell_type for cell in nb.cells]
     assert kinds.count("markdown") >= 10 and kinds.count("code") >= 10
 
@@ -133,10 +295,17 @@ def test_docs_build_without_warnings(tmp_path):
     cmd += ["-d", str(tmp_path / "doctrees"), str(DOCS), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"sphinx-build failed:\n{proc.stdout}\n{proc.stderr}"
-    for page in ("index", "ebnm", "api", "tutorials"):
+    for page in ("index", "ebnm", "engine", "covariates", "scverse", "api", "tutorials"):
         assert (out / f"{page}.html").exists()
+    index = (out / "index.html").read_text()
+    for page in ("engine", "covariates", "scverse"):
+        assert f'href="{page}.html"' in index, f"{page} is not in the index's table of contents"
     api = (out / "api.html").read_text()
     for name in (
+        "cebmf.fit_ebmf",
+        "cebmf.tl.fit",
+        "cebmf.pl.embedding",
+        "cebmf.priors.Cash",
         "cebmf.ebnm",
         "cebmf.EBNMResult",
         "cebmf.available_priors",

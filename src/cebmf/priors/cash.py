@@ -26,6 +26,9 @@ _MIN_LOG_WEIGHT = -30.0  # output bias of a component the plain fit gave no weig
 class Cash(CovariatePrior):
     """``cash``: pi_k(x) = softmax(net(x))_k over a grid of scales.
 
+    ``g`` holds ``scale`` (the grid), ``pi0`` (per observation), ``pi_mean`` (mean weights),
+    the network weights and the covariate standardisation.
+
     Parameters
     ----------
     nonnegative
@@ -35,9 +38,6 @@ class Cash(CovariatePrior):
     hidden, hidden_layers, weight_decay, max_iter, warm_iter, tol, seed
         Network options (see :class:`~cebmf.priors._covariates.CovariatePrior`);
         ``hidden_layers=0`` is a multinomial-logistic (linear) model.
-
-    ``g`` holds ``scale`` (the grid), ``pi0`` (per observation), ``pi_mean`` (mean weights),
-    the network weights and the covariate standardisation.
     """
 
     name = "cash"
