@@ -160,8 +160,8 @@ def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
     mdata = md.MuData({"rna": counts.copy(), "atac": atac})
     mdata.obs["percent_mito"] = counts.obs["percent_mito"].to_numpy()
     cebmf.tl.fit(
-        mdata, transform={"rna": "auto", "atac": "tfidf"}, obs_covariates="percent_mito", **FAST
-    )
+        mdata, transform={"atac": "tfidf"}, obs_covariates="percent_mito", **FAST
+    )  # rna is left out of the dict: it gets the default, "auto"
     k = mdata.obsm["X_cebmf"].shape[1]
     assert mdata["rna"].varm["cebmf_factors"].shape == (counts.n_vars, k)
     assert mdata["atac"].varm["cebmf_factors"].shape == (120, k)
@@ -243,6 +243,11 @@ def test_cli_fit_on_the_demo_output(tmp_path):
     )
     b = ad.read_h5ad(out)
     assert "X_refit" in b.obsm and "X_cebmf" in b.obsm
+    # an AnnData cannot be written as .h5mu: refused before fitting, naming the file
+    src = str(tmp_path / "demo" / "pbmc68k_cebmf.h5ad")
+    with pytest.raises(SystemExit, match=r"must end in \.h5ad"):
+        main(["fit", src, str(tmp_path / "refit.h5mu"), "-q"])
+    assert not (tmp_path / "refit.h5mu").exists()
     assert b.uns["refit"]["params"]["prior_loadings"] == "cash"
 
 

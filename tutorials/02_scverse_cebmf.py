@@ -232,9 +232,10 @@ print(specificity.to_string(max_colwidth=60, float_format=lambda v: f"{v:.2f}"))
 #   perforin (*PRF1*);
 # * **B cells** (`CD19+ B`): *CD79A*, *MS4A1* and the HLA class II genes;
 # * **progenitors** (`CD34+`): *PRSS57*, *CYTL1*, *SPINK2*;
-# * **myeloid cells**: monocytes share their main programme with the cells labelled
-#   `Dendritic` (*CST3*, *LYZ*, *TYROBP*, HLA class II genes), so neither type is
-#   specific on its own, but the two together stand out from all the other types.
+# * **monocytes** (`CD14+ Monocyte`): *LYZ*, *CST3*, *AIF1*, *LST1*, *FCN1*; they share
+#   much of their programme (*CST3*, *LYZ*, *TYROBP*, HLA class II genes) with the cells
+#   labelled `Dendritic`, so their factor stands out less sharply than those of NK or B
+#   cells.
 #
 # The T-cell subtypes (naive, memory, regulatory) are much harder to tell apart in 765
 # genes and 700 cells; their specificities are low.
@@ -244,11 +245,10 @@ print(specificity.to_string(max_colwidth=60, float_format=lambda v: f"{v:.2f}"))
 
 # %%
 marker_factors = [
-    specificity.loc[label, "factor"]
-    for label in ("CD56+ NK", "CD19+ B", "myeloid (CD14+ Monocyte, Dendritic)")
+    specificity.loc[label, "factor"] for label in ("CD56+ NK", "CD19+ B", "CD14+ Monocyte")
 ]
 marker_factors = list(dict.fromkeys(marker_factors))  # drop repeats, keep the order
-print("factors of NK cells, B cells and myeloid cells:", marker_factors)
+print("factors of NK cells, B cells and monocytes:", marker_factors)
 show(
     cebmf.pl.top_genes(adata, factors=marker_factors, n_genes=12, show=False, return_fig=True),
     "top_genes",
@@ -353,8 +353,8 @@ print(f"per observation: {elbo_gain / np.prod(adata.shape):+.2e} nats")
 # reading such a comparison: each fit is a local optimum of its own ELBO (found from the
 # same kind of starting points), and `cash` costs more time (a small network is refitted
 # for every factor at every sweep). Both fits find essentially the same programmes: for
-# each factor of NK cells, B cells and myeloid cells, the most similar factor of the
-# plain fit has nearly the same gene profile.
+# each factor of NK cells, B cells and monocytes, the most similar factor of the
+# plain fit has a similar gene profile.
 
 # %%
 plain_factors = plain.varm["plain_factors"]

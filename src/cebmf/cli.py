@@ -24,6 +24,13 @@ def _fit(args: argparse.Namespace) -> int:
     src = Path(args.input)
     if not src.exists():
         raise SystemExit(f"cebmf fit: input file {src} does not exist.")
+    dest = Path(args.output)
+    wanted = ".h5mu" if src.suffix == ".h5mu" else ".h5ad"
+    if dest.suffix != wanted:
+        raise SystemExit(
+            f"cebmf fit: output {dest} must end in {wanted} (the input {src.name} is "
+            f"{'a MuData' if wanted == '.h5mu' else 'an AnnData'} file)."
+        )
     if src.suffix == ".h5mu":
         import mudata as md
 
@@ -53,9 +60,8 @@ def _fit(args: argparse.Namespace) -> int:
         **options,
     )
     record = data.uns[args.key_added]
-    dest = Path(args.output)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    data.write_h5mu(dest) if dest.suffix == ".h5mu" else data.write_h5ad(dest)
+    data.write_h5mu(dest) if wanted == ".h5mu" else data.write_h5ad(dest)
     if not args.quiet:
         print(
             f"cebmf fit: {len(record['pve'])} factors, ELBO {record['elbo_final']:.6g}, "
@@ -68,7 +74,14 @@ def _fit(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    print(run_demo(Path(args.out), n_factors=args.n_factors, progress=args.progress))
+    print(
+        run_demo(
+            Path(args.out),
+            n_factors=args.n_factors,
+            max_iter=args.max_iter,
+            progress=args.progress,
+        )
+    )
     return 0
 
 
@@ -115,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="cebmf-demo", help="output folder (default cebmf-demo)")
     demo.add_argument("--n-factors", type=int, default=20, help="most factors (default 20)")
+    demo.add_argument("--max-iter", type=int, default=80, help="most backfit sweeps (default 80)")
     demo.add_argument("--progress", action="store_true", help="show a progress bar")
     demo.set_defaults(func=_demo)
     return parser

@@ -367,6 +367,10 @@ class Engine:
         if not side.priors[k].uses_covariates:
             return None
         if not self.self_covariates or side.k < 2:
+            if side.covariates is None and self.self_covariates:
+                # the first factor has no other factors yet: a covariate-free (bias-only)
+                # network, i.e. the plain prior
+                return side.mean.new_zeros((side.mean.shape[0], 0))
             return side.covariates
         others = torch.cat([side.mean[:, :k], side.mean[:, k + 1 :]], dim=1)
         if side.covariates is None:

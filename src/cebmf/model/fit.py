@@ -439,7 +439,9 @@ def _backfit(engine: Engine, tol, max_iter, trace, bar):
         total += steps
         if not dead or engine.k == 0 or total >= max_iter:
             if engine.k == 0:
-                reason = "no factors left"
+                converged, reason = True, "no factors left"
+            elif dead:  # a factor was removed on the last allowed sweep
+                converged, reason = False, "max_iter"
             return converged, reason, total
 
 

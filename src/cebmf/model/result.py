@@ -31,7 +31,8 @@ class EBMFResult:
     elbo
         Final evidence lower bound (float64).
     elbo_trace
-        ELBO after every greedy iteration and backfit sweep, in order.
+        ELBO after each accepted greedy factor, each backfit sweep and each factor
+        removed by the nullcheck, in order.
     noise
         The noise model (``"constant"``, ``"row"`` or ``"column"``).
     noise_sd

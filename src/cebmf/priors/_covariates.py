@@ -57,7 +57,11 @@ def standardize(cov: torch.Tensor, stats: dict | None = None):
     if stats is None:
         c64 = cov.to(torch.float64)
         mean = c64.mean(0)
-        sd = c64.std(0, unbiased=False) if cov.shape[0] > 1 else torch.zeros_like(mean)
+        sd = (
+            c64.std(0, unbiased=False)
+            if cov.shape[0] > 1 and cov.shape[1] > 0
+            else torch.zeros_like(mean)
+        )
         keep = (sd > 1e-12 * (mean.abs() + 1.0)).cpu().numpy()
         stats = {"mean": mean.cpu().numpy(), "sd": sd.cpu().numpy(), "keep": keep}
         if not keep.all():
@@ -74,10 +78,17 @@ def _fits(weights: dict, d: int) -> bool:
     return first is not None and np.asarray(first).shape[1] == d
 
 
-def _load_network(net: CovariateNet, weights: dict) -> None:
-    """Load saved weights. Output rows the saved network lacks (components added to a grid
-    since) copy its last row with the bias lowered by 40: their logit is then 40 below an
-    existing one for every covariate value, i.e. a prior weight below e^-40."""
+def _load_network(
+    net: CovariateNet,
+    weights: dict,
+    positions: np.ndarray | None = None,
+    new_bias: torch.Tensor | None = None,
+) -> None:
+    """Load saved weights into ``net``, whose output layer may have more rows (components
+    added to a grid since). ``positions[i]`` is the new row of saved output row i (default:
+    the saved rows come first). Each added row copies the nearest saved row with its bias
+    lowered by 40 (a logit 40 below an existing one for every covariate value, i.e. a prior
+    weight below e^-40), or shifted by ``new_bias`` (one value per added row) if given."""
     ref = net.state_dict()
     new = {}
     for key, value in weights.items():
@@ -88,11 +99,18 @@ def _load_network(net: CovariateNet, weights: dict) -> None:
                     f"the saved network does not fit these covariates ({key}: "
                     f"{tuple(v.shape)} vs {tuple(ref[key].shape)})."
                 )
-            extra = ref[key].shape[0] - v.shape[0]
-            pad = v[-1:].repeat(extra, *([1] * (v.ndim - 1)))
+            n_new = ref[key].shape[0]
+            pos = np.arange(v.shape[0]) if positions is None else np.asarray(positions)
+            added = np.setdiff1d(np.arange(n_new), pos)
+            # nearest saved row of every row (saved rows map to themselves)
+            near = np.abs(np.arange(n_new)[:, None] - pos[None, :]).argmin(axis=1)
+            full = v[torch.as_tensor(near, device=v.device)].clone()
             if key == "out.bias":
-                pad = pad - 40.0
-            v = torch.cat([v, pad])
+                shift = torch.full((added.size,), -40.0, dtype=v.dtype, device=v.device)
+                if new_bias is not None:
+                    shift = new_bias.to(dtype=v.dtype, device=v.device)
+                full[torch.as_tensor(added, device=v.device)] += shift
+            v = full
         new[key] = v
     net.load_state_dict(new)
 
@@ -208,6 +226,14 @@ class CovariatePrior(Prior):
         cov = covariates
         xs = x - self.mode if self.mode != 0.0 else x
         warm = g_init if g_init is not None else state
+        saved = None if warm is None else warm.get("covariate_stats")
+        if saved is not None and np.asarray(saved["keep"]).size != cov.shape[1]:
+            if g_init is not None:
+                raise ValueError(
+                    f"g_init was fitted to {np.asarray(saved['keep']).size} covariates, "
+                    f"but {cov.shape[1]} are given."
+                )
+            warm = None  # e.g. self covariates after the number of factors changed
         setup = self._setup(xs, s, warm, g_init)
         z, stats = standardize(cov, None if warm is None else warm.get("covariate_stats"))
         n_out = self._n_outputs(setup)
@@ -218,21 +244,19 @@ class CovariatePrior(Prior):
                     "g_init's network was fitted to a different number of covariates "
                     f"than the {z.shape[1]} given."
                 )
-            warm = None  # e.g. self covariates after the number of factors changed
+            warm = None
             z, stats = standardize(cov)
         if warm is not None and "network" in warm:
-            _load_network(net, warm["network"])
+            _load_network(net, warm["network"], setup.get("saved_rows"))
             extra = {
                 k: torch.as_tensor(v, dtype=x.dtype, device=x.device).clone()
                 for k, v in warm.get("extra", {}).items()
             }
             n_iter = self.warm_iter
+            if g_init is None and not fix_g:
+                net, extra, n_iter = self._best_start(net, extra, z, xs, s, setup, warm)
         else:
-            bias, start = self._plain_start(xs, s, setup)
-            with torch.no_grad():
-                net.out.weight.zero_()
-                net.out.bias.copy_(bias)
-            extra = self._extra_init(setup, start)
+            net, extra = self._plain_network(net, xs, s, setup)
             n_iter = self.max_iter
         if not fix_g:
             self._train(net, extra, z, xs, s, setup, n_iter)
@@ -275,6 +299,47 @@ class CovariatePrior(Prior):
 
     def _state_entries(self, setup: dict) -> dict:
         return {}
+
+    def _plain_network(self, net, x, s, setup) -> tuple[CovariateNet, dict]:
+        """``net`` set to the matching plain prior (zero output weights, biases from the
+        plain fit) and its global parameters."""
+        bias, start = self._plain_start(x, s, setup)
+        with torch.no_grad():
+            net.out.weight.zero_()
+            net.out.bias.copy_(bias)
+        return net, self._extra_init(setup, start)
+
+    def _best_start(self, net, extra, z, x, s, setup, warm):
+        """The start of a warm-started call: the saved network; the saved network
+        re-centred on the matching plain prior fitted to these data (output biases shifted
+        so that the mean output over the observations equals the plain prior's, global
+        parameters from the plain fit: keeps the covariate effects, follows the data's
+        drift); or that plain prior itself, whichever has the highest exact
+        log-likelihood here. The saved network is always a candidate, so the chosen start
+        never loses likelihood; the others keep the covariate prior from falling behind
+        the plain prior when the data moved (e.g. standard errors shrank below the saved
+        grid). Returns ``(net, extra, n_iter)``: a plain start gets a cold fit's
+        iterations."""
+        plain_net, plain_extra = self._plain_network(copy.deepcopy(net), x, s, setup)
+        centred = copy.deepcopy(net)
+        with torch.no_grad():
+            mean_out = net(z).mean(0)
+            centred.out.bias.add_(plain_net.out.bias - mean_out)
+        centred_extra = {k: v.clone() for k, v in plain_extra.items()}
+        cands = [
+            (net, extra, self.warm_iter),
+            (centred, centred_extra, self.warm_iter),
+            (plain_net, plain_extra, self.max_iter),
+        ]
+        lls = [self._exact_loglik(c[0], c[1], z, x, s, setup) for c in cands]
+        best = max(range(len(cands)), key=lambda i: (lls[i], -i))
+        logger.debug(
+            "%s warm start: %s (log-likelihoods %s)",
+            self.name,
+            ("saved", "re-centred", "plain")[best],
+            [round(v, 3) for v in lls],
+        )
+        return cands[best]
 
     def network_outputs(self, g: dict, covariates) -> torch.Tensor:
         """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""

@@ -57,18 +57,28 @@ class Cash(CovariatePrior):
         self.base = base_cls(grid_mult=grid_mult, kl_target=kl_target)
 
     def _setup(self, x, s, warm, g_init):
-        fresh = self.base._fresh_grid(x, s)
+        saved_rows = None
         if warm is not None and "scale" in warm:
             grid = np.asarray(warm["scale"], dtype=np.float64)
-            if fresh[-1] > grid[-1] and g_init is None:  # extend at the top, never shrink
-                grid = np.concatenate([grid, fresh[fresh > grid[-1]]])
+            if g_init is None:
+                # never shrink; extend at the top (larger effects) and refine at the bottom
+                # (smaller standard errors) with the fresh grid's scales outside the saved
+                # range (inside it, the saved spacing already meets the grid rule)
+                fresh = self.base._fresh_grid(x, s)
+                lo = grid[grid > 0].min() if (grid > 0).any() else np.inf
+                add = fresh[((fresh > 0) & (fresh < lo)) | (fresh > grid[-1])]
+                if add.size:
+                    merged = np.union1d(grid, add)
+                    saved_rows = np.searchsorted(merged, grid)
+                    grid = merged
         else:
-            grid = fresh
+            grid = self.base._fresh_grid(x, s)
         scale_t = torch.as_tensor(grid, dtype=x.dtype, device=x.device)[:, None]
         return {
             "scale": grid,
             "scale_t": scale_t,
             "loglik_nk": self.base._component_loglik(x, s, scale_t).T.contiguous(),
+            "saved_rows": saved_rows,
         }
 
     def _n_outputs(self, setup):

@@ -39,11 +39,18 @@ class Emdn(CovariatePrior):
         self.n_components = int(n_components)
 
     def _setup(self, x, s, warm, g_init):
+        if warm is not None and "log_sd_bounds" in warm:
+            # the saved network's sds are only the same prior with the same bounds
+            lo, hi = (float(v) for v in np.asarray(warm["log_sd_bounds"]))
+            return {"log_sd_lo": lo, "log_sd_hi": hi}
         stats = torch.stack([s.min(), s.max(), x.abs().max()]).double().tolist()
         return {
             "log_sd_lo": math.log(stats[0] * 1e-4),
             "log_sd_hi": math.log(10.0 * (stats[2] + stats[1])),
         }
+
+    def _state_entries(self, setup):
+        return {"log_sd_bounds": np.array([setup["log_sd_lo"], setup["log_sd_hi"]])}
 
     def _n_outputs(self, setup):
         return 3 * self.n_components + int(self.spiked)

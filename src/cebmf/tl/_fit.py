@@ -24,10 +24,11 @@ from ._results import factor_names, full_rows, h5_safe, pve_by_block, uns_summar
 logger = logging.getLogger("cebmf")
 
 
-def _per_mod(value, mod: str):
-    """A per-modality option: one value for all, or a dict keyed by modality."""
+def _per_mod(value, mod: str, default=None):
+    """A per-modality option: one value for all, or a dict keyed by modality (a modality
+    the dict leaves out gets ``default``)."""
     if isinstance(value, dict):
-        return value.get(mod)
+        return value.get(mod, default)
     return value
 
 
@@ -357,7 +358,7 @@ def _fit_mudata(
         y, r, tr = _prepare_matrix(
             out.mod[m],
             layer=_per_mod(layer, m),
-            transform=_per_mod(transform, m),
+            transform=_per_mod(transform, m, "auto"),
             target_sum=target_sum,
             size_factors=_per_mod(size_factors, m),
             mask_var=_per_mod(mask_var, m),
