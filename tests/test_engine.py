@@ -220,6 +220,30 @@ def test_chunked_sparse_sums_and_row_scaling_match_dense(fmt):
     np.testing.assert_allclose(scaled.toarray(), dense * scale[:, None], rtol=1e-12)
 
 
+def test_float32_sparse_values_are_upcast_in_blocks(monkeypatch):
+    """A float32 CSR (as in most h5ad files) is not copied to float64: the products
+    upcast row blocks (many small ones here) and agree with the float64 matrix of the
+    same values to rounding, and so do the fits."""
+    import cebmf.data.matrix as matrix
+
+    monkeypatch.setattr(matrix, "_BLOCK_NNZ", 500)
+    y32 = sp.csr_matrix(_log_counts().astype(np.float32))
+    y64 = y32.astype(np.float64)
+    cpu = torch.device("cpu")
+    d32 = SparseData(y32, F64, cpu)
+    assert d32._blocks is not None and len(d32._blocks) > 10
+    assert np.shares_memory(d32.scipy.data, y32.data)  # no copy of the values
+    dense = y64.toarray()
+    rng = np.random.default_rng(0)
+    b, a = rng.normal(size=(dense.shape[1], 4)), rng.normal(size=(dense.shape[0], 4))
+    np.testing.assert_allclose(d32.matmul(torch.tensor(b)).numpy(), dense @ b, rtol=1e-12)
+    np.testing.assert_allclose(d32.rmatmul(torch.tensor(a)).numpy(), dense.T @ a, rtol=1e-12)
+    fit32 = cebmf.fit_ebmf(y32, max_factors=4)
+    fit64 = cebmf.fit_ebmf(y64, max_factors=4)
+    assert fit32.n_factors == fit64.n_factors >= 2
+    assert fit32.elbo == pytest.approx(fit64.elbo, rel=1e-9)
+
+
 def test_sparse_and_dense_fits_agree():
     y = _log_counts()
     dense = cebmf.fit_ebmf(y, max_factors=6)

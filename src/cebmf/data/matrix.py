@@ -134,12 +134,21 @@ class SparseData(DataMatrix):
             csr = csr.copy()  # sorting / summing duplicates must not touch the caller's
             csr.sum_duplicates()
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        if csr.dtype != np_dtype:
-            csr = csr.astype(np_dtype)
+        use_scipy = device.type == "cpu" and backend != "torch"
+        self._blocks = None
+        if csr.dtype == np.float32 and np_dtype == np.float64 and use_scipy:
+            # float32 values (as in most h5ad files) are kept: the products upcast them in
+            # row blocks, exactly, instead of holding a float64 copy of the matrix
+            self._blocks = _row_blocks(csr.indptr, _BLOCK_NNZ)
+        elif csr.dtype != np_dtype:
+            # a converted copy of the values only; indices and indptr are shared
+            csr = sp.csr_matrix(
+                (csr.data.astype(np_dtype), csr.indices, csr.indptr), shape=csr.shape
+            )
         self.shape = (int(csr.shape[0]), int(csr.shape[1]))
         self.dtype, self.device = dtype, device
         self.nnz = int(csr.nnz)
-        if device.type == "cpu" and backend != "torch":
+        if use_scipy:
             self.scipy = csr
         else:
             self.scipy = None
@@ -155,15 +164,56 @@ class SparseData(DataMatrix):
     def is_sparse(self) -> bool:
         return True
 
+    def _block(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows start:stop with their values in float64 (views of indices)."""
+        indptr = self.scipy.indptr
+        a, b = indptr[start], indptr[stop]
+        return sp.csr_matrix(
+            (
+                self.scipy.data[a:b].astype(np.float64),
+                self.scipy.indices[a:b],
+                indptr[start : stop + 1] - a,
+            ),
+            shape=(stop - start, self.shape[1]),
+        )
+
     def matmul(self, b):
-        if self.scipy is not None:
-            return torch.from_numpy(np.asarray(self.scipy @ b.numpy()))
-        return self.csr @ b
+        if self.scipy is None:
+            return self.csr @ b
+        bn = b.numpy()
+        if self._blocks is None:
+            return torch.from_numpy(np.asarray(self.scipy @ bn))
+        out = np.empty((self.shape[0], *bn.shape[1:]), dtype=np.float64)
+        for start, stop in self._blocks:
+            out[start:stop] = self._block(start, stop) @ bn
+        return torch.from_numpy(out)
 
     def rmatmul(self, a):
-        if self.scipy is not None:
-            return torch.from_numpy(np.asarray(self.scipy.T @ a.numpy()))
-        return self.csr_t @ a
+        if self.scipy is None:
+            return self.csr_t @ a
+        an = a.numpy()
+        if self._blocks is None:
+            return torch.from_numpy(np.asarray(self.scipy.T @ an))
+        out = np.zeros((self.shape[1], *an.shape[1:]), dtype=np.float64)
+        for start, stop in self._blocks:
+            out += self._block(start, stop).T @ an[start:stop]
+        return torch.from_numpy(out)
+
+
+#: Stored values per row block when float32 values are upcast inside the products.
+_BLOCK_NNZ = 1 << 21
+
+
+def _row_blocks(indptr: np.ndarray, nnz: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges holding about ``nnz`` stored values each."""
+    n = indptr.size - 1
+    blocks, start = [], 0
+    while start < n:
+        stop = int(np.searchsorted(indptr, indptr[start] + nnz, side="right")) - 1
+        stop = min(max(stop, start + 1), n)
+        blocks.append((start, stop))
+        start = stop
+    return blocks or [(0, 0)]
 
 
 class OffsetData(DataMatrix):
