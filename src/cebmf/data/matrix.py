@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .transforms import column_sums_of_squares, row_sums_of_squares
+from .transforms import column_sums_of_squares, row_blocks, row_sums_of_squares
 
 _F64 = torch.float64
 
@@ -139,7 +139,7 @@ class SparseData(DataMatrix):
         if csr.dtype == np.float32 and np_dtype == np.float64 and use_scipy:
             # float32 values (as in most h5ad files) are kept: the products upcast them in
             # row blocks, exactly, instead of holding a float64 copy of the matrix
-            self._blocks = _row_blocks(csr.indptr, _BLOCK_NNZ)
+            self._blocks = row_blocks(csr.indptr, _BLOCK_NNZ)
         elif csr.dtype != np_dtype:
             # a converted copy of the values only; indices and indptr are shared
             csr = sp.csr_matrix(
@@ -202,18 +202,6 @@ class SparseData(DataMatrix):
 
 #: Stored values per row block when float32 values are upcast inside the products.
 _BLOCK_NNZ = 1 << 21
-
-
-def _row_blocks(indptr: np.ndarray, nnz: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges holding about ``nnz`` stored values each."""
-    n = indptr.size - 1
-    blocks, start = [], 0
-    while start < n:
-        stop = int(np.searchsorted(indptr, indptr[start] + nnz, side="right")) - 1
-        stop = min(max(stop, start + 1), n)
-        blocks.append((start, stop))
-        start = stop
-    return blocks or [(0, 0)]
 
 
 class OffsetData(DataMatrix):

@@ -51,18 +51,26 @@ def log1p_normalize(
     return out
 
 
+def row_blocks(indptr: np.ndarray, nnz: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``(start, stop)`` of a CSR holding about ``nnz`` stored
+    values each (a row with more is a block of its own)."""
+    n = indptr.size - 1
+    blocks, start = [], 0
+    while start < n:
+        stop = int(np.searchsorted(indptr, indptr[start] + nnz, side="right")) - 1
+        stop = min(max(stop, start + 1), n)
+        blocks.append((start, stop))
+        start = stop
+    return blocks
+
+
 def scale_rows_inplace(csr: sp.csr_matrix, scale: np.ndarray, chunk: int = 1 << 20) -> None:
     """``csr[i, :] *= scale[i]`` on the stored values, in row blocks of about ``chunk``
     non-zeros (no temporary of the size of the matrix)."""
     indptr = csr.indptr
-    n = csr.shape[0]
-    start = 0
-    while start < n:
-        stop = int(np.searchsorted(indptr, indptr[start] + chunk, side="right"))
-        stop = min(max(stop - 1, start + 1), n)
+    for start, stop in row_blocks(indptr, chunk):
         a, b = indptr[start], indptr[stop]
         csr.data[a:b] *= np.repeat(scale[start:stop], np.diff(indptr[start : stop + 1]))
-        start = stop
 
 
 def column_sums_of_squares(csr: sp.spmatrix, chunk: int = 1 << 20) -> np.ndarray:
@@ -92,14 +100,9 @@ def row_sums_of_squares(csr: sp.spmatrix, chunk: int = 1 << 20) -> np.ndarray:
         csr = sp.csr_matrix(csr)
     out = np.zeros(csr.shape[0])
     indptr = csr.indptr
-    n = csr.shape[0]
-    start = 0
-    while start < n:
-        stop = int(np.searchsorted(indptr, indptr[start] + chunk, side="right"))
-        stop = min(max(stop - 1, start + 1), n)
+    for start, stop in row_blocks(indptr, chunk):
         a, b = indptr[start], indptr[stop]
         sq = np.square(csr.data[a:b], dtype=np.float64)
         rows = np.repeat(np.arange(stop - start), np.diff(indptr[start : stop + 1]))
         out[start:stop] = np.bincount(rows, weights=sq, minlength=stop - start)
-        start = stop
     return out

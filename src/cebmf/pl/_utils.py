@@ -54,28 +54,26 @@ def uns_entry(adata: ad.AnnData, key: str, entry: str) -> Any:
     return uns[entry]
 
 
+def _stored_matrix(adata: ad.AnnData, key: str, slot: str, name: str, dims: str) -> np.ndarray:
+    """``adata.<slot>[name]`` as a 2-D float64 array, with clear errors."""
+    check_adata(adata)
+    store = getattr(adata, slot)
+    if name not in store:
+        raise ValueError(f"adata.{slot}[{name!r}] not found: {_fit_hint(key)}.")
+    arr = np.asarray(store[name], dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"adata.{slot}[{name!r}] must be 2-D ({dims}).")
+    return arr
+
+
 def loadings(adata: ad.AnnData, key: str, suffix: str = "") -> np.ndarray:
     """The N x K loadings (``suffix`` "_sd" / "_lfsr" for the other summaries)."""
-    check_adata(adata)
-    name = f"X_{key}{suffix}"
-    if name not in adata.obsm:
-        raise ValueError(f"adata.obsm[{name!r}] not found: {_fit_hint(key)}.")
-    arr = np.asarray(adata.obsm[name], dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"adata.obsm[{name!r}] must be 2-D (cells x factors).")
-    return arr
+    return _stored_matrix(adata, key, "obsm", f"X_{key}{suffix}", "cells x factors")
 
 
 def factors_matrix(adata: ad.AnnData, key: str, suffix: str = "") -> np.ndarray:
     """The n_vars x K factors (``suffix`` "_sd" / "_lfsr" for the other summaries)."""
-    check_adata(adata)
-    name = f"{key}_factors{suffix}"
-    if name not in adata.varm:
-        raise ValueError(f"adata.varm[{name!r}] not found: {_fit_hint(key)}.")
-    arr = np.asarray(adata.varm[name], dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"adata.varm[{name!r}] must be 2-D (genes x factors).")
-    return arr
+    return _stored_matrix(adata, key, "varm", f"{key}_factors{suffix}", "genes x factors")
 
 
 def factor_names(adata: ad.AnnData, key: str, n_factors: int | None = None) -> list[str]:

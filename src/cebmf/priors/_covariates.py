@@ -78,17 +78,12 @@ def _fits(weights: dict, d: int) -> bool:
     return first is not None and np.asarray(first).shape[1] == d
 
 
-def _load_network(
-    net: CovariateNet,
-    weights: dict,
-    positions: np.ndarray | None = None,
-    new_bias: torch.Tensor | None = None,
-) -> None:
+def _load_network(net: CovariateNet, weights: dict, positions: np.ndarray | None = None) -> None:
     """Load saved weights into ``net``, whose output layer may have more rows (components
     added to a grid since). ``positions[i]`` is the new row of saved output row i (default:
     the saved rows come first). Each added row copies the nearest saved row with its bias
     lowered by 40 (a logit 40 below an existing one for every covariate value, i.e. a prior
-    weight below e^-40), or shifted by ``new_bias`` (one value per added row) if given."""
+    weight below e^-40)."""
     ref = net.state_dict()
     new = {}
     for key, value in weights.items():
@@ -106,10 +101,7 @@ def _load_network(
             near = np.abs(np.arange(n_new)[:, None] - pos[None, :]).argmin(axis=1)
             full = v[torch.as_tensor(near, device=v.device)].clone()
             if key == "out.bias":
-                shift = torch.full((added.size,), -40.0, dtype=v.dtype, device=v.device)
-                if new_bias is not None:
-                    shift = new_bias.to(dtype=v.dtype, device=v.device)
-                full[torch.as_tensor(added, device=v.device)] += shift
+                full[torch.as_tensor(added, device=v.device)] -= 40.0
             v = full
         new[key] = v
     net.load_state_dict(new)
@@ -254,7 +246,7 @@ class CovariatePrior(Prior):
             }
             n_iter = self.warm_iter
             if g_init is None and not fix_g:
-                net, extra, n_iter = self._best_start(net, extra, z, xs, s, setup, warm)
+                net, extra, n_iter = self._best_start(net, extra, z, xs, s, setup)
         else:
             net, extra = self._plain_network(net, xs, s, setup)
             n_iter = self.max_iter
@@ -287,15 +279,7 @@ class CovariatePrior(Prior):
         g["hidden"] = np.asarray(self.hidden, dtype=np.int64)
         state_out = {k: g[k] for k in ("network", "extra", "covariate_stats")}
         state_out.update(self._state_entries(setup))
-        return EBNMResult(
-            mean=post.mean,
-            mean2=post.mean2,
-            sd=post.sd,
-            lfsr=post.lfsr,
-            loglik=post.log_marginal.sum(dtype=torch.float64).item(),
-            g=g,
-            state=state_out,
-        )
+        return EBNMResult.from_posterior(post, g, state_out)
 
     def _state_entries(self, setup: dict) -> dict:
         return {}
@@ -309,7 +293,7 @@ class CovariatePrior(Prior):
             net.out.bias.copy_(bias)
         return net, self._extra_init(setup, start)
 
-    def _best_start(self, net, extra, z, x, s, setup, warm):
+    def _best_start(self, net, extra, z, x, s, setup):
         """The start of a warm-started call: the saved network; the saved network
         re-centred on the matching plain prior fitted to these data (output biases shifted
         so that the mean output over the observations equals the plain prior's, global
@@ -319,27 +303,28 @@ class CovariatePrior(Prior):
         never loses likelihood; the others keep the covariate prior from falling behind
         the plain prior when the data moved (e.g. standard errors shrank below the saved
         grid). Returns ``(net, extra, n_iter)``: a plain start gets a cold fit's
-        iterations."""
-        plain_net, plain_extra = self._plain_network(copy.deepcopy(net), x, s, setup)
-        centred = copy.deepcopy(net)
+        iterations. The outputs of the three candidates differ only in the output biases,
+        so one forward pass serves all of them."""
+        bias, start = self._plain_start(x, s, setup)
+        plain_extra = self._extra_init(setup, start)
         with torch.no_grad():
-            mean_out = net(z).mean(0)
-            centred.out.bias.add_(plain_net.out.bias - mean_out)
-        centred_extra = {k: v.clone() for k, v in plain_extra.items()}
-        cands = [
-            (net, extra, self.warm_iter),
-            (centred, centred_extra, self.warm_iter),
-            (plain_net, plain_extra, self.max_iter),
-        ]
-        lls = [self._exact_loglik(c[0], c[1], z, x, s, setup) for c in cands]
-        best = max(range(len(cands)), key=lambda i: (lls[i], -i))
+            out = net(z)
+            shift = bias - out.mean(0)
+            cands = [(out, extra), (out + shift, plain_extra), (bias.expand_as(out), plain_extra)]
+            lls = [self._loglik_of(o, e, x, s, setup) for o, e in cands]
+            best = max(range(len(cands)), key=lambda i: (lls[i], -i))
+            if best == 1:
+                net.out.bias.add_(shift)
+            elif best == 2:
+                net.out.weight.zero_()
+                net.out.bias.copy_(bias)
         logger.debug(
             "%s warm start: %s (log-likelihoods %s)",
             self.name,
             ("saved", "re-centred", "plain")[best],
             [round(v, 3) for v in lls],
         )
-        return cands[best]
+        return net, cands[best][1], self.max_iter if best == 2 else self.warm_iter
 
     def network_outputs(self, g: dict, covariates) -> torch.Tensor:
         """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""
@@ -355,10 +340,15 @@ class CovariatePrior(Prior):
         with torch.no_grad():
             return net(z)
 
+    def _loglik_of(self, out, extra, x, s, setup) -> float:
+        """Exact log-likelihood (summed in float64) of the prior with network outputs
+        ``out``."""
+        log_w = self._log_weights(out, extra, x, s, setup)
+        return float(torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64))
+
     def _exact_loglik(self, net, extra, z, x, s, setup) -> float:
         with torch.no_grad():
-            log_w = self._log_weights(net(z), extra, x, s, setup)
-            return float(torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64))
+            return self._loglik_of(net(z), extra, x, s, setup)
 
     def _train(self, net, extra, z, x, s, setup, n_iter: int) -> None:
         """Full-batch L-BFGS on -loglik/n + penalty, in float32 (a copy of the problem when

@@ -109,12 +109,4 @@ class MixturePrior(Prior):
             "pi": pi_np,
             "scale": np.asarray(scales, dtype=np.float64),
         }
-        return EBNMResult(
-            mean=post.mean,
-            mean2=post.mean2,
-            sd=post.sd,
-            lfsr=post.lfsr,
-            loglik=post.log_marginal.sum(dtype=torch.float64).item(),
-            g=g,
-            state={"scale": g["scale"], "pi": pi_np},
-        )
+        return EBNMResult.from_posterior(post, g, {"scale": g["scale"], "pi": pi_np})

@@ -301,17 +301,8 @@ class SpikeSlabPrior(Prior):
         if self.has_spike:
             parts.insert(0, (data.l0 + _log(pi0), None, None, *point_sign_probs(0.0, c)))
         post = summarize(parts, shift=self.mode)
-        loglik = post.log_marginal.sum(dtype=torch.float64).item()
         g: dict[str, Any] = {"family": self.name, "mode": self.mode}
         if self.has_spike:
             g["pi0"] = pi0
         g.update(self._eta_to_g(eta))
-        return EBNMResult(
-            mean=post.mean,
-            mean2=post.mean2,
-            sd=post.sd,
-            lfsr=post.lfsr,
-            loglik=loglik,
-            g=g,
-            state={"pi0_eta": (pi0, eta)},
-        )
+        return EBNMResult.from_posterior(post, g, {"pi0_eta": (pi0, eta)})

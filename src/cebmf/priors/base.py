@@ -47,6 +47,20 @@ class EBNMResult:
     g: dict[str, Any]
     state: dict[str, Any] | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_posterior(cls, post: Any, g: dict[str, Any], state: dict[str, Any]) -> EBNMResult:
+        """From posterior summaries (``mean``, ``mean2``, ``sd``, ``lfsr`` and the per
+        observation ``log_marginal``, summed here in float64)."""
+        return cls(
+            mean=post.mean,
+            mean2=post.mean2,
+            sd=post.sd,
+            lfsr=post.lfsr,
+            loglik=post.log_marginal.sum(dtype=torch.float64).item(),
+            g=g,
+            state=state,
+        )
+
 
 class Prior(ABC):
     """A prior family behind the EBNM contract ``fit(x, s, covariates=None, state=None)``.
