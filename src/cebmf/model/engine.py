@@ -93,8 +93,47 @@ class Side:
         }
 
     def restore(self, snap: dict) -> None:
+        """Back to ``snap``, copied: the updates write in place, and the snapshot may be
+        needed again (it is the ``prev`` point of the next extrapolation)."""
         for name, value in snap.items():
-            setattr(self, name, value)
+            setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
+
+
+class ProductCache:
+    """Columns of ``Y^T L`` (for side ``factors``) or ``Y F`` (``loadings``) with per-column
+    validity, so that an update of factor k only recomputes column k."""
+
+    def __init__(self, values: torch.Tensor, valid: list[bool]) -> None:
+        self.values = values
+        self.valid = valid
+
+    @classmethod
+    def empty(cls, n: int, k: int, dtype, device) -> ProductCache:
+        return cls(torch.zeros(n, k, dtype=dtype, device=device), [False] * k)
+
+    def copy(self) -> ProductCache:
+        return ProductCache(self.values.clone(), list(self.valid))
+
+    def append(self) -> None:
+        self.values = torch.cat([self.values, self.values.new_zeros(self.values.shape[0], 1)], 1)
+        self.valid.append(False)
+
+    def keep(self, idx: list[int]) -> None:
+        sel = torch.as_tensor(idx, dtype=torch.long, device=self.values.device)
+        self.values = self.values.index_select(1, sel)
+        self.valid = [self.valid[i] for i in idx]
+
+    def extrapolate(self, prev: ProductCache | None, beta: float, move: list[bool]) -> None:
+        """The products of moved columns follow their (linear) extrapolation; columns
+        without both values become stale."""
+        for k, moved in enumerate(move):
+            if not moved:
+                continue
+            if prev is not None and self.valid[k] and prev.valid[k]:
+                cur = self.values[:, k]
+                self.values[:, k] = cur + beta * (cur - prev.values[:, k])
+            else:
+                self.valid[k] = False
 
 
 def expected_loglik_normal(x, s, mean, var) -> torch.Tensor:
@@ -131,9 +170,11 @@ class Engine:
         self.masked = data.mask is not None
         if self.masked:
             self.resid = data.values.clone()  # m * (Y - L F^T); zeros where missing
-        # cached Y^T L (P x K) and Y F (N x K), column-wise validity
-        self._ytl: torch.Tensor | None = None
-        self._yf: torch.Tensor | None = None
+        # Y^T L (P x K, key "factors") and Y F (N x K, key "loadings"), column-wise validity
+        self._cache: dict[str, ProductCache] = {
+            "factors": ProductCache.empty(p, 0, dt, dev),
+            "loadings": ProductCache.empty(n, 0, dt, dev),
+        }
 
     # ---- bookkeeping -----------------------------------------------------------------
     @property
@@ -171,7 +212,8 @@ class Engine:
         self.factors.append(fm.to(dt), fvar.to(dt), prior_f, fixed_f)
         if self.masked:
             self.resid -= self._mask_outer(lm.to(dt), fm.to(dt))
-        self._ytl = self._yf = None
+        for cache in self._cache.values():
+            cache.append()
 
     def remove_factors(self, drop: list[int]) -> None:
         if not drop:
@@ -182,7 +224,8 @@ class Engine:
                 self.resid += self._mask_outer(self.loadings.mean[:, i], self.factors.mean[:, i])
         self.loadings.keep(keep)
         self.factors.keep(keep)
-        self._ytl = self._yf = None
+        for cache in self._cache.values():
+            cache.keep(keep)
 
     def snapshot(self) -> dict:
         snap = {
@@ -190,6 +233,7 @@ class Engine:
             "factors": self.factors.snapshot(),
             "a": self.a.clone(),
             "b": self.b.clone(),
+            "cache": {which: cache.copy() for which, cache in self._cache.items()},
         }
         if self.masked:
             snap["resid"] = self.resid.clone()
@@ -200,8 +244,9 @@ class Engine:
         self.factors.restore(snap["factors"])
         self.a, self.b = snap["a"], snap["b"]
         if self.masked:
-            self.resid = snap["resid"]
-        self._ytl = self._yf = None
+            self.resid = snap["resid"].clone()  # updated in place
+        # copies: the snapshot may be restored again or extrapolated from
+        self._cache = {which: cache.copy() for which, cache in snap["cache"].items()}
 
     def extrapolate(self, prev: dict, beta: float, cols: list[int] | None = None) -> bool:
         """Move the moments (of factors ``cols``, default all) and the precisions to
@@ -213,22 +258,22 @@ class Engine:
                 return False
         for side in (self.loadings, self.factors):
             old = prev[side.name]
-            move = ~torch.as_tensor(side.fixed, dtype=torch.bool, device=side.mean.device)
-            if cols is not None:
-                chosen = torch.zeros_like(move)
-                chosen[cols] = True
-                move &= chosen
+            chosen = set(range(self.k)) if cols is None else set(cols)
+            move_list = [k in chosen and not side.fixed[k] for k in range(self.k)]
+            move = torch.as_tensor(move_list, dtype=torch.bool, device=side.mean.device)
             mean = side.mean + beta * (side.mean - old["mean"])
             var = (side.var + beta * (side.var - old["var"])).clamp(min=0.0)
             side.mean = torch.where(move, mean, side.mean)
             side.var = torch.where(move, var, side.var)
+            # products with this side's means: Y^T L (side loadings) or Y F (factors)
+            key = "factors" if side.name == "loadings" else "loadings"
+            self._cache[key].extrapolate(prev.get("cache", {}).get(key), beta, move_list)
         self.a = torch.maximum(self.a + beta * (self.a - prev["a"]), 1e-3 * self.a)
         self.b = torch.maximum(self.b + beta * (self.b - prev["b"]), 1e-3 * self.b)
         if self.masked:
             self.resid = (
                 self.data.values - self.loadings.mean @ self.factors.mean.T
             ) * self.data.mask
-        self._ytl = self._yf = None
         return True
 
     def _mask_outer(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -255,44 +300,27 @@ class Engine:
         pre["c"] = (w_other[:, None] * other.mean2.index_select(1, cols)).sum(0, dtype=_F64)
         # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
         if bool((w_other == 1).all()):
-            cache = self._ensure_cache(which)
-            cache[:, cols] = yw
-            valid = self._valid(which)
+            cache = self._cache[which]
+            cache.values[:, cols] = yw
             for k in ks:
-                valid[k] = True
+                cache.valid[k] = True
         return pre
-
-    def _ensure_cache(self, which: str) -> torch.Tensor:
-        n = self.data.shape[1] if which == "factors" else self.data.shape[0]
-        attr = "_ytl" if which == "factors" else "_yf"
-        cache = getattr(self, attr)
-        if cache is None or cache.shape[1] != self.k:
-            cache = torch.zeros(n, self.k, dtype=self.data.dtype, device=self.data.device)
-            setattr(self, attr, cache)
-            setattr(self, attr + "_valid", [False] * self.k)
-        return cache
-
-    def _valid(self, which: str) -> list[bool]:
-        return getattr(self, ("_ytl" if which == "factors" else "_yf") + "_valid")
 
     def _cached_product(self, which: str) -> torch.Tensor:
         """``Y^T L`` (which = factors) or ``Y F`` (loadings), recomputing stale columns."""
-        cache = self._ensure_cache(which)
-        valid = self._valid(which)
-        stale = [k for k in range(self.k) if not valid[k]]
+        cache = self._cache[which]
+        stale = [k for k in range(self.k) if not cache.valid[k]]
         if stale:
             _, other = self.side(which)
-            cols = torch.as_tensor(stale, dtype=torch.long, device=cache.device)
-            cache[:, cols] = self._prod(which, other.mean.index_select(1, cols))
+            cols = torch.as_tensor(stale, dtype=torch.long, device=cache.values.device)
+            cache.values[:, cols] = self._prod(which, other.mean.index_select(1, cols))
             for k in stale:
-                valid[k] = True
-        return cache
+                cache.valid[k] = True
+        return cache.values
 
     def _invalidate(self, which: str, k: int) -> None:
         """Side ``which`` changed in column k: products with it are stale."""
-        other_cache = "_ytl" if which == "loadings" else "_yf"
-        if getattr(self, other_cache) is not None:
-            getattr(self, other_cache + "_valid")[k] = False
+        self._cache["factors" if which == "loadings" else "loadings"].valid[k] = False
 
     # ---- rank-one update -----------------------------------------------------------
     def ebnm_inputs(self, which: str, k: int, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
