@@ -276,6 +276,35 @@ class Engine:
             ) * self.data.mask
         return True
 
+    def transform(self, cols: list[int], t_l: torch.Tensor, t_f: torch.Tensor) -> None:
+        """Replace factors ``cols`` by linear combinations of themselves: L_c -> L_c T_l,
+        F_c -> F_c T_f (posterior variances of the sums of independent terms: var T o T).
+
+        With ``T_l T_f^T = I`` the mean structure L F^T is unchanged. The q's of these
+        factors are no longer EBNM posteriors (and their priors are reset for a cold
+        start): follow with updates of both sides before reading the ELBO.
+        """
+        sel = torch.as_tensor(cols, dtype=torch.long, device=self.loadings.mean.device)
+        for side, t in ((self.loadings, t_l), (self.factors, t_f)):
+            t = t.to(side.mean.dtype)
+            side.mean = side.mean.index_copy(1, sel, side.mean.index_select(1, sel) @ t)
+            side.var = side.var.index_copy(1, sel, side.var.index_select(1, sel) @ (t * t))
+            for k in cols:
+                side.states[k] = None
+            # products with this side's means are linear in them
+            cache = self._cache["factors" if side.name == "loadings" else "loadings"]
+            if all(cache.valid[k] for k in cols):
+                cache.values = cache.values.index_copy(
+                    1, sel, cache.values.index_select(1, sel) @ t
+                )
+            else:
+                for k in cols:
+                    cache.valid[k] = False
+        if self.masked:
+            self.resid = (
+                self.data.values - self.loadings.mean @ self.factors.mean.T
+            ) * self.data.mask
+
     def _mask_outer(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.outer(u, v) * self.data.mask
 
