@@ -377,9 +377,9 @@ for label in ("CD56+ NK", "CD19+ B", "CD14+ Monocyte"):
             "EBMF factor": plain_means.columns[k_p],
             "EBMF specificity": score_p,
             # both oriented towards the cell type, so the sign of the correlation matters
-            "profile correlation": np.corrcoef(sign * factors[:, k], sign_p * plain_factors[:, k_p])[
-                0, 1
-            ],
+            "profile correlation": np.corrcoef(
+                sign * factors[:, k], sign_p * plain_factors[:, k_p]
+            )[0, 1],
         }
     )
 programmes = pd.DataFrame(rows).set_index("cells")

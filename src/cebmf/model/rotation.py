@@ -8,12 +8,13 @@ under L -> L T, F -> F T^{-T}, so a rotation is a free move of the mean structur
 that makes one side sparsest is a good guess of where the sparse priors want to go.
 
 The rotation is found by varimax (Kaiser 1958) on the scaled loadings of that side of
-L F^T = U S V^T, A = U S^{1/2} (or V S^{1/2}):  maximise sum_k [ sum_i lam_ik^4 - (sum_i lam_ik^2)^2 / n ] over
-orthogonal R with lam = A R, by the usual SVD fixed point R <- P Q^T, P D Q^T = A^T
-(lam^3 - lam diag(lam^T lam) / n). Then L' = U S^{1/2} R and F' = V S^{1/2} R, columns
-rescaled to equal norms on both sides. (Varimax of the orthonormal U instead lets the
-directions of tiny singular values, noise and outlier factors, pull the rotation: on the
-counts case its first sweep ends 69,000 nats lower.)
+L F^T = U S V^T, A = U S^{1/2} (or V S^{1/2}): maximise
+sum_k [ sum_i lam_ik^4 - (sum_i lam_ik^2)^2 / n ] over orthogonal R with lam = A R, by
+the usual SVD fixed point R <- P Q^T, where P D Q^T = A^T (lam^3 - lam diag(lam^T lam) / n).
+Then L' = U S^{1/2} R and F' = V S^{1/2} R, columns rescaled to equal norms on both sides.
+(Varimax of the orthonormal U instead lets the directions of tiny singular values, noise
+and outlier factors, pull the rotation: on the counts case its first sweep ends 69,000
+nats lower.)
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def sparse_rotation(
         return None
     balance = torch.sqrt(fn / ln)
     lm, fm = lm * balance, fm / balance
-    ql, rl = torch.linalg.qr(lm)
-    qf, rf = torch.linalg.qr(fm)
+    rl = torch.linalg.qr(lm, mode="r")[1]
+    rf = torch.linalg.qr(fm, mode="r")[1]
     for r in (rl, rf):
         diag = torch.diagonal(r).abs()
         if not bool(diag.min() > 1e-10 * diag.max()):
