@@ -368,3 +368,29 @@ def test_odd_but_valid_inputs():
     before = y.copy()
     cebmf.fit_ebmf(y)
     np.testing.assert_array_equal(y, before)
+
+
+def _one_factor_engine(seed=21):
+    y, *_ = simulate(n=80, p=50, seed=seed)
+    data = as_data_matrix(y, dtype=F64, device=torch.device("cpu"))
+    eng = Engine(data, "column")
+    eng.update_noise()
+    gen = torch.Generator().manual_seed(seed)
+    lm, fm = torch.randn(80, generator=gen, dtype=F64), torch.randn(50, generator=gen, dtype=F64)
+    prior = get_prior("point_normal")
+    eng.add_factor(lm, torch.full_like(lm, 0.1), fm, torch.full_like(fm, 0.2), prior, prior)
+    eng._cached_product("factors")
+    return eng, data
+
+
+def test_a_restored_snapshot_is_not_changed_by_later_updates():
+    eng, _ = _one_factor_engine(seed=23)
+    snap = eng.snapshot()
+    kept = {side: snap[side]["mean"].clone() for side in ("loadings", "factors")}
+    eng.restore(snap)
+    for which in ("loadings", "factors"):
+        eng.update(which, 0, eng.prepare(which))
+    assert not torch.equal(eng.loadings.mean, kept["loadings"])
+    for side in ("loadings", "factors"):
+        assert torch.equal(snap[side]["mean"], kept[side])
+    assert snap["loadings"]["states"][0] is None  # the snapshot's lists are its own
