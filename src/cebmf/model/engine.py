@@ -392,7 +392,7 @@ class Engine:
         this, other = self.side(which)
         if this.fixed[k]:
             return True
-        if not bool(((other.mean != 0) | (other.var > 0))[:, k].any()):
+        if not bool(((other.mean[:, k] != 0) | (other.var[:, k] > 0)).any()):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
         res = this.priors[k].fit(x, s, covariates=self._covariates(this, k), state=this.states[k])
