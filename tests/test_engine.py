@@ -394,3 +394,35 @@ def test_a_restored_snapshot_is_not_changed_by_later_updates():
     for side in ("loadings", "factors"):
         assert torch.equal(snap[side]["mean"], kept[side])
     assert snap["loadings"]["states"][0] is None  # the snapshot's lists are its own
+
+
+def test_the_elbo_reuses_squared_residuals_only_while_the_moments_stay():
+    eng, _ = _one_factor_engine(seed=24)
+    prior = get_prior("point_normal")
+    gen = torch.Generator().manual_seed(3)
+    lm, fm = torch.randn(80, generator=gen, dtype=F64), torch.randn(50, generator=gen, dtype=F64)
+    eng.add_factor(lm, torch.zeros_like(lm), fm, torch.zeros_like(fm), prior, prior)
+    eng.update_noise()
+    prev = eng.snapshot()
+    for which in ("loadings", "factors"):
+        eng.update(which, 1, eng.prepare(which))
+    eng.update_noise()
+    cur = eng.snapshot()
+    t = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64)
+    gen = torch.Generator().manual_seed(4)
+    extra = torch.randn(80, generator=gen, dtype=F64), torch.randn(50, generator=gen, dtype=F64)
+    changes = [
+        lambda: eng.update("loadings", 0, eng.prepare("loadings")),
+        lambda: eng.extrapolate(prev, 0.8),
+        lambda: eng.restore(cur),
+        lambda: eng.transform([0, 1], t, torch.linalg.inv(t).T),
+        lambda: eng.add_factor(extra[0], 0 * extra[0], extra[1], 0 * extra[1], prior, prior),
+        lambda: eng.remove_factors([0]),
+    ]
+    for change in changes:
+        eng.update_noise()  # fills the cache
+        assert eng._sq is not None
+        change()
+        reported = eng.elbo()
+        eng._sq = None
+        assert reported == pytest.approx(eng.elbo(), rel=1e-14)

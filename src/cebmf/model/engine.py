@@ -101,26 +101,37 @@ class Side:
 
 class ProductCache:
     """Columns of ``Y^T L`` (for side ``factors``) or ``Y F`` (``loadings``) with per-column
-    validity, so that an update of factor k only recomputes column k."""
+    validity, so that an update of factor k only recomputes column k. The n x K values are
+    allocated on first use (a fit with column noise never needs ``Y F``)."""
 
-    def __init__(self, values: torch.Tensor, valid: list[bool]) -> None:
-        self.values = values
+    def __init__(self, n: int, valid: list[bool], values: torch.Tensor | None, dtype, device):
+        self.n, self.dtype, self.device = n, dtype, device
         self.valid = valid
+        self.values = values
 
     @classmethod
     def empty(cls, n: int, k: int, dtype, device) -> ProductCache:
-        return cls(torch.zeros(n, k, dtype=dtype, device=device), [False] * k)
+        return cls(n, [False] * k, None, dtype, device)
+
+    def writable(self) -> torch.Tensor:
+        """The values, allocated (zeros, all stale) if needed."""
+        if self.values is None:
+            self.values = torch.zeros(self.n, len(self.valid), dtype=self.dtype, device=self.device)
+        return self.values
 
     def copy(self) -> ProductCache:
-        return ProductCache(self.values.clone(), list(self.valid))
+        values = None if self.values is None else self.values.clone()
+        return ProductCache(self.n, list(self.valid), values, self.dtype, self.device)
 
     def append(self) -> None:
-        self.values = torch.cat([self.values, self.values.new_zeros(self.values.shape[0], 1)], 1)
+        if self.values is not None:
+            self.values = torch.cat([self.values, self.values.new_zeros(self.n, 1)], 1)
         self.valid.append(False)
 
     def keep(self, idx: list[int]) -> None:
-        sel = torch.as_tensor(idx, dtype=torch.long, device=self.values.device)
-        self.values = self.values.index_select(1, sel)
+        if self.values is not None:
+            sel = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+            self.values = self.values.index_select(1, sel)
         self.valid = [self.valid[i] for i in idx]
 
     def extrapolate(self, prev: ProductCache | None, beta: float, move: list[bool]) -> None:
@@ -171,6 +182,9 @@ class Engine:
         if self.masked:
             self.resid = data.values.clone()  # m * (Y - L F^T); zeros where missing
         # Y^T L (P x K, key "factors") and Y F (N x K, key "loadings"), column-wise validity
+        # the expected squared residuals of update_noise, reused by the ELBO until the
+        # moments change (they do not depend on the precisions)
+        self._sq: torch.Tensor | None = None
         self._cache: dict[str, ProductCache] = {
             "factors": ProductCache.empty(p, 0, dt, dev),
             "loadings": ProductCache.empty(n, 0, dt, dev),
@@ -214,6 +228,7 @@ class Engine:
             self.resid -= self._mask_outer(lm.to(dt), fm.to(dt))
         for cache in self._cache.values():
             cache.append()
+        self._sq = None
 
     def remove_factors(self, drop: list[int]) -> None:
         if not drop:
@@ -226,6 +241,7 @@ class Engine:
         self.factors.keep(keep)
         for cache in self._cache.values():
             cache.keep(keep)
+        self._sq = None
 
     def snapshot(self) -> dict:
         snap = {
@@ -247,6 +263,7 @@ class Engine:
             self.resid = snap["resid"].clone()  # updated in place
         # copies: the snapshot may be restored again or extrapolated from
         self._cache = {which: cache.copy() for which, cache in snap["cache"].items()}
+        self._sq = None
 
     def extrapolate(self, prev: dict, beta: float, cols: list[int] | None = None) -> bool:
         """Move the moments (of factors ``cols``, default all) and the precisions to
@@ -256,6 +273,7 @@ class Engine:
         for side in (self.loadings, self.factors):
             if prev[side.name]["mean"].shape != side.mean.shape:
                 return False
+        self._sq = None
         for side in (self.loadings, self.factors):
             old = prev[side.name]
             chosen = set(range(self.k)) if cols is None else set(cols)
@@ -284,6 +302,7 @@ class Engine:
         factors are no longer EBNM posteriors (and their priors are reset for a cold
         start): follow with updates of both sides before reading the ELBO.
         """
+        self._sq = None
         sel = torch.as_tensor(cols, dtype=torch.long, device=self.loadings.mean.device)
         for side, t in ((self.loadings, t_l), (self.factors, t_f)):
             t = t.to(side.mean.dtype)
@@ -293,7 +312,7 @@ class Engine:
                 side.states[k] = None
             # products with this side's means are linear in them
             cache = self._cache["factors" if side.name == "loadings" else "loadings"]
-            if all(cache.valid[k] for k in cols):
+            if cache.values is not None and all(cache.valid[k] for k in cols):
                 cache.values = cache.values.index_copy(
                     1, sel, cache.values.index_select(1, sel) @ t
                 )
@@ -330,7 +349,7 @@ class Engine:
         # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
         if bool((w_other == 1).all()):
             cache = self._cache[which]
-            cache.values[:, cols] = yw
+            cache.writable()[:, cols] = yw
             for k in ks:
                 cache.valid[k] = True
         return pre
@@ -341,15 +360,16 @@ class Engine:
         stale = [k for k in range(self.k) if not cache.valid[k]]
         if stale:
             _, other = self.side(which)
-            cols = torch.as_tensor(stale, dtype=torch.long, device=cache.values.device)
-            cache.values[:, cols] = self._prod(which, other.mean.index_select(1, cols))
+            cols = torch.as_tensor(stale, dtype=torch.long, device=cache.device)
+            cache.writable()[:, cols] = self._prod(which, other.mean.index_select(1, cols))
             for k in stale:
                 cache.valid[k] = True
-        return cache.values
+        return cache.writable()
 
     def _invalidate(self, which: str, k: int) -> None:
         """Side ``which`` changed in column k: products with it are stale."""
         self._cache["factors" if which == "loadings" else "loadings"].valid[k] = False
+        self._sq = None
 
     # ---- rank-one update -----------------------------------------------------------
     def ebnm_inputs(self, which: str, k: int, pre: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,8 +492,9 @@ class Engine:
         by_row = uses_rows(self.noise)
         n_obs = self.data.n_obs_row if by_row else self.data.n_obs_col
         sq = self.data.row_sq if by_row else self.data.col_sq
+        self._sq = self.expected_sq_resid()
         self.a, self.b = estimate_precision(
-            self.noise, self.expected_sq_resid(), n_obs, self.data.shape, sq / n_obs
+            self.noise, self._sq, n_obs, self.data.shape, sq / n_obs
         )
 
     def elbo(self) -> float:
@@ -482,7 +503,7 @@ class Engine:
 
     def elbo_tensor(self) -> torch.Tensor:
         by_row = uses_rows(self.noise)
-        sq = self.expected_sq_resid()
+        sq = self._sq if self._sq is not None else self.expected_sq_resid()
         weights = self.a if by_row else self.b
         data_term = (
             -0.5 * self.data.n_obs * LOG_2PI
