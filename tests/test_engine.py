@@ -426,3 +426,36 @@ def test_the_elbo_reuses_squared_residuals_only_while_the_moments_stay():
         reported = eng.elbo()
         eng._sq = None
         assert reported == pytest.approx(eng.elbo(), rel=1e-14)
+
+
+def test_a_failed_greedy_addition_is_retried_after_the_backfit(monkeypatch):
+    from cebmf.model import fit as fit_module
+
+    y, *_ = simulate(n=300, p=120, k=4, sd=0.5, seed=25, density=0.4)
+    plain = cebmf.fit_ebmf(y, noise="constant")
+    assert plain.n_factors == 4
+    real_add = fit_module._greedy_add
+    calls = {"n": 0}
+
+    def flaky_add(engine, *args):
+        # the third addition fails once, as a factor that dies on an unlucky path would
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return False, engine.elbo()
+        return real_add(engine, *args)
+
+    monkeypatch.setattr(fit_module, "_greedy_add", flaky_add)
+    res = cebmf.fit_ebmf(y, noise="constant")
+    assert res.n_factors == 4  # not 2: the greedy stage ran again after the backfit
+    assert res.elbo == pytest.approx(plain.elbo, rel=1e-6)
+    assert np.all(np.diff(res.elbo_trace) >= -1e-9 * abs(res.elbo))
+    # a fit without backfit has no second round
+    calls["n"] = 0
+    assert cebmf.fit_ebmf(y, noise="constant", backfit=False).n_factors == 2
+
+
+def test_max_iter_caps_the_backfit_sweeps_over_all_rounds():
+    y, *_ = simulate(n=300, p=120, k=4, sd=0.5, seed=26, density=0.4)
+    res = cebmf.fit_ebmf(y, noise="constant", max_iter=3)
+    assert res.n_iter <= 3
+    assert not res.converged and res.stop_reason == "max_iter"

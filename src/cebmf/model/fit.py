@@ -136,7 +136,10 @@ def fit_ebmf(
     implicit residual, sign-aware for nonnegative priors, then iterated alone until its
     ELBO change is below ``tol``; kept only if non-zero and the ELBO rises), then all are
     refined by backfitting sweeps until the ELBO changes by less than ``tol``, and factors
-    whose removal does not lower the ELBO are dropped (nullcheck).
+    whose removal does not lower the ELBO are dropped (nullcheck). The greedy stage then
+    tries again on the backfitted residual; rounds of greedy + backfit + nullcheck go on
+    until an addition fails right after a backfit (or ``max_factors`` / ``max_iter`` is
+    reached), so the number of factors does not hang on one early failed addition.
 
     Parameters
     ----------
@@ -169,7 +172,7 @@ def fit_ebmf(
     tol
         Convergence tolerance on the ELBO; default N P sqrt(float64 eps) (flashier's).
     max_iter
-        Maximum backfit sweeps (and iterations per greedy factor).
+        Maximum backfit sweeps in total (and iterations per greedy factor).
     device, dtype
         ``"auto"`` picks CUDA when available. dtype None: float32 on GPU, float64 on CPU;
         reductions (ELBO, noise) are float64 either way.
@@ -291,37 +294,50 @@ def fit_ebmf(
 
     bar = _progress(progress)
     cap = min(int(max_factors), n, p)
-    n_learned = engine.k - sum(
-        any(fx) for fx in zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
-    )
+
+    def n_learned() -> int:
+        fixed = zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
+        return engine.k - sum(any(fx) for fx in fixed)
+
     timing = {"greedy_s": 0.0, "rotate_s": 0.0, "backfit_s": 0.0, "nullcheck_s": 0.0}
-    clock = time.perf_counter()
-    if greedy:
-        while n_learned < cap:
-            added, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace)
-            bar.update(1)
-            if not added:
-                break
-            n_learned += 1
-            logger.info("greedy: factor %d added, ELBO %.6g", engine.k, elbo)
-    timing["greedy_s"] = time.perf_counter() - clock
     converged, stop, n_iter = True, "greedy only", 0
-    budget = max_iter
-    clock = time.perf_counter()
-    if backfit and rotate and max_iter > 1 and _rotate(engine, trace):
-        n_iter, budget = 1, max_iter - 1
-    timing["rotate_s"] = time.perf_counter() - clock
-    while True:
+    for round_ in range(_MAX_ROUNDS):
+        # greedy additions until one fails; after a backfit (rounds > 0) the residual has
+        # changed, so the failed addition is tried again
         clock = time.perf_counter()
-        if backfit and engine.k:
-            converged, stop, sweeps = _backfit(engine, tol, budget, trace, bar)
-            n_iter += sweeps
-            budget = max_iter
-        timing["backfit_s"] += time.perf_counter() - clock
+        added = 0
+        while greedy and n_learned() < cap:
+            ok, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace)
+            bar.update(1)
+            if not ok:
+                break
+            added += 1
+            logger.info("greedy: factor %d added, ELBO %.6g", engine.k, elbo)
+        timing["greedy_s"] += time.perf_counter() - clock
+        if round_ and not added:
+            break
         clock = time.perf_counter()
-        dropped = nullcheck and _nullcheck(engine, trace)
-        timing["nullcheck_s"] += time.perf_counter() - clock
-        if not dropped or not backfit:
+        if backfit and rotate and n_iter + 1 < max_iter and _rotate(engine, trace):
+            n_iter += 1
+        timing["rotate_s"] += time.perf_counter() - clock
+        while True:
+            clock = time.perf_counter()
+            if backfit and engine.k:
+                if n_iter < max_iter:
+                    converged, stop, sweeps = _backfit(engine, tol, max_iter - n_iter, trace, bar)
+                    n_iter += sweeps
+                else:
+                    converged, stop = False, "max_iter"
+            timing["backfit_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            dropped = nullcheck and _nullcheck(engine, trace)
+            timing["nullcheck_s"] += time.perf_counter() - clock
+            if not dropped or not backfit or n_iter >= max_iter:
+                break
+        # retry the greedy addition only if a backfit moved the residual and budget is left
+        if not (greedy and backfit) or engine.k == 0 or n_learned() >= cap:
+            break
+        if n_iter >= max_iter:
             break
     bar.close()
     res = _result(engine, trace, converged, stop, n_iter)
@@ -425,6 +441,9 @@ def _sweep(engine: Engine) -> list[int]:
     engine.update_noise()
     return sorted(dead)
 
+
+# greedy + backfit rounds: after a backfit, a failed greedy addition is retried once
+_MAX_ROUNDS = 20
 
 # extrapolation schedule (flashier's defaults)
 _BETA_INIT, _BETA_UP, _BETA_DOWN, _BETA_MAX = 0.5, 1.2, 0.5, 2.0
