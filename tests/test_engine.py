@@ -383,50 +383,6 @@ def _one_factor_engine(seed=21):
     return eng, data
 
 
-def test_extrapolation_ignores_a_pure_change_of_scale_split():
-    # (l / 4, 4 f) is the same point as (l, f): extrapolating from it must not move
-    eng, data = _one_factor_engine()
-    prev = eng.snapshot()
-    eng.loadings.mean[:, 0] *= 0.25
-    eng.loadings.var[:, 0] *= 0.0625
-    eng.factors.mean[:, 0] *= 4.0
-    eng.factors.var[:, 0] *= 16.0
-    eng._cache["factors"].valid[0] = False
-    eng._cached_product("factors")
-    cur = eng.snapshot()
-    assert eng.extrapolate(prev, 1.5)
-    for side in ("loadings", "factors"):
-        for key in ("mean", "var"):
-            np.testing.assert_allclose(
-                getattr(getattr(eng, side), key), cur[side][key], rtol=1e-12, atol=1e-14
-            )
-    np.testing.assert_allclose(
-        eng._cached_product("factors"), data.rmatmul(eng.loadings.mean), rtol=1e-10, atol=1e-12
-    )
-
-
-def test_extrapolation_of_a_growing_factor_matches_the_rescaled_formula():
-    eng, data = _one_factor_engine(seed=22)
-    prev = eng.snapshot()
-    l0, f0 = prev["loadings"]["mean"][:, 0], prev["factors"]["mean"][:, 0]
-    lv0, fv0 = prev["loadings"]["var"][:, 0], prev["factors"]["var"][:, 0]
-    eng.loadings.mean[:, 0] *= 2.0  # l doubles, f stays: c = sqrt(2)
-    eng._cache["factors"].valid[0] = False
-    eng._cached_product("factors")
-    beta, c = 0.7, math.sqrt(2.0)
-    assert eng.extrapolate(prev, beta)
-    np.testing.assert_allclose(eng.loadings.mean[:, 0], 2 * l0 + beta * (2 - c) * l0, rtol=1e-12)
-    np.testing.assert_allclose(eng.factors.mean[:, 0], f0 + beta * (f0 - f0 / c), rtol=1e-12)
-    np.testing.assert_allclose(
-        eng.loadings.var[:, 0], (lv0 + beta * (lv0 - c * c * lv0)).clamp(min=0), atol=1e-15
-    )
-    np.testing.assert_allclose(eng.factors.var[:, 0], fv0 + beta * (fv0 - fv0 / 2), rtol=1e-12)
-    # the cached Y^T L followed the extrapolation exactly
-    np.testing.assert_allclose(
-        eng._cached_product("factors"), data.rmatmul(eng.loadings.mean), rtol=1e-10, atol=1e-12
-    )
-
-
 def test_a_restored_snapshot_is_not_changed_by_later_updates():
     eng, _ = _one_factor_engine(seed=23)
     snap = eng.snapshot()

@@ -27,7 +27,7 @@ def test_pbmc_facs_loadings_separate_cell_types():
     adata = ad.read_h5ad(shared_data("pbmc_facs_fasttopics.h5ad"))
     y = _hvg_log1p(adata.X, 500)
     assert sp.issparse(y)
-    # greedy + backfit rounds take ~1,100 sweeps here (32 factors); the default budget
+    # greedy + backfit rounds take ~1,200 sweeps here (32 factors); the default budget
     # of 500 would stop them before convergence
     res = cebmf.fit_ebmf(y, noise="column", max_factors=40, max_iter=2000)
     # the number of factors is the data's choice, not the cap

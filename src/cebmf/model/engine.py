@@ -134,17 +134,15 @@ class ProductCache:
             self.values = self.values.index_select(1, sel)
         self.valid = [self.valid[i] for i in idx]
 
-    def extrapolate(
-        self, prev: ProductCache | None, beta: float, move: list[bool], prev_scale: list[float]
-    ) -> None:
-        """The products of moved columns follow their (linear) extrapolation from the
-        previous values times ``prev_scale``; columns without both values become stale."""
+    def extrapolate(self, prev: ProductCache | None, beta: float, move: list[bool]) -> None:
+        """The products of moved columns follow their (linear) extrapolation; columns
+        without both values become stale."""
         for k, moved in enumerate(move):
             if not moved:
                 continue
             if prev is not None and self.valid[k] and prev.valid[k]:
                 cur = self.values[:, k]
-                self.values[:, k] = cur + beta * (cur - prev_scale[k] * prev.values[:, k])
+                self.values[:, k] = cur + beta * (cur - prev.values[:, k])
             else:
                 self.valid[k] = False
 
@@ -276,22 +274,18 @@ class Engine:
             if prev[side.name]["mean"].shape != side.mean.shape:
                 return False
         self._sq = None
-        scale = self._scale_match(prev)
-        for side, power in ((self.loadings, 1.0), (self.factors, -1.0)):
+        for side in (self.loadings, self.factors):
             old = prev[side.name]
             chosen = set(range(self.k)) if cols is None else set(cols)
             move_list = [k in chosen and not side.fixed[k] for k in range(self.k)]
             move = torch.as_tensor(move_list, dtype=torch.bool, device=side.mean.device)
-            c = (scale**power).to(side.mean.dtype)
-            mean = side.mean + beta * (side.mean - c * old["mean"])
-            var = (side.var + beta * (side.var - c * c * old["var"])).clamp(min=0.0)
+            mean = side.mean + beta * (side.mean - old["mean"])
+            var = (side.var + beta * (side.var - old["var"])).clamp(min=0.0)
             side.mean = torch.where(move, mean, side.mean)
             side.var = torch.where(move, var, side.var)
             # products with this side's means: Y^T L (side loadings) or Y F (factors)
             key = "factors" if side.name == "loadings" else "loadings"
-            self._cache[key].extrapolate(
-                prev.get("cache", {}).get(key), beta, move_list, c.tolist()
-            )
+            self._cache[key].extrapolate(prev.get("cache", {}).get(key), beta, move_list)
         self.a = torch.maximum(self.a + beta * (self.a - prev["a"]), 1e-3 * self.a)
         self.b = torch.maximum(self.b + beta * (self.b - prev["b"]), 1e-3 * self.b)
         if self.masked:
@@ -299,31 +293,6 @@ class Engine:
                 self.data.values - self.loadings.mean @ self.factors.mean.T
             ) * self.data.mask
         return True
-
-    def _scale_match(self, prev: dict) -> torch.Tensor:
-        """Per factor, the c that gives (c l_prev, f_prev / c) the norm ratio of (l, f).
-
-        The split of a factor's scale between l and f is not identified: shrinkage on
-        one side makes it drift a little at every update (on make_data.py's counts case
-        |l| went from 4.9 to 2e-7 in 35 greedy steps), and extrapolating that drift
-        doubles it at each step while the identified directions gain less. Comparing
-        with the rescaled previous point removes the drift from the extrapolation.
-        Fixed factors (and zero columns) get c = 1.
-        """
-        lo, fa = self.loadings, self.factors
-        norms = [
-            t.to(_F64).norm(dim=0)
-            for t in (lo.mean, fa.mean, prev["loadings"]["mean"], prev["factors"]["mean"])
-        ]
-        l_cur, f_cur, l_prev, f_prev = norms
-        ratio = (l_cur * f_prev) / (f_cur * l_prev)
-        free = torch.as_tensor(
-            [not (a or b) for a, b in zip(lo.fixed, fa.fixed, strict=True)],
-            dtype=torch.bool,
-            device=ratio.device,
-        )
-        ok = free & torch.isfinite(ratio) & (ratio > 0)
-        return torch.where(ok, torch.sqrt(torch.where(ok, ratio, 1.0)), 1.0)
 
     def transform(self, cols: list[int], t_l: torch.Tensor, t_f: torch.Tensor) -> None:
         """Replace factors ``cols`` by linear combinations of themselves: L_c -> L_c T_l,
