@@ -181,10 +181,10 @@ class Engine:
         self.masked = data.mask is not None
         if self.masked:
             self.resid = data.values.clone()  # m * (Y - L F^T); zeros where missing
-        # Y^T L (P x K, key "factors") and Y F (N x K, key "loadings"), column-wise validity
         # the expected squared residuals of update_noise, reused by the ELBO until the
         # moments change (they do not depend on the precisions)
         self._sq: torch.Tensor | None = None
+        # Y^T L (P x K, key "factors") and Y F (N x K, key "loadings"), column-wise validity
         self._cache: dict[str, ProductCache] = {
             "factors": ProductCache.empty(p, 0, dt, dev),
             "loadings": ProductCache.empty(n, 0, dt, dev),
@@ -289,9 +289,7 @@ class Engine:
         self.a = torch.maximum(self.a + beta * (self.a - prev["a"]), 1e-3 * self.a)
         self.b = torch.maximum(self.b + beta * (self.b - prev["b"]), 1e-3 * self.b)
         if self.masked:
-            self.resid = (
-                self.data.values - self.loadings.mean @ self.factors.mean.T
-            ) * self.data.mask
+            self._recompute_resid()
         return True
 
     def transform(self, cols: list[int], t_l: torch.Tensor, t_f: torch.Tensor) -> None:
@@ -320,9 +318,11 @@ class Engine:
                 for k in cols:
                     cache.valid[k] = False
         if self.masked:
-            self.resid = (
-                self.data.values - self.loadings.mean @ self.factors.mean.T
-            ) * self.data.mask
+            self._recompute_resid()
+
+    def _recompute_resid(self) -> None:
+        """m * (Y - L F^T) from scratch (after moves of many columns at once)."""
+        self.resid = (self.data.values - self.loadings.mean @ self.factors.mean.T) * self.data.mask
 
     def _mask_outer(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.outer(u, v) * self.data.mask
