@@ -167,8 +167,8 @@ def test_sparse_and_dense_updates_agree_to_rounding(noise):
         as_data_matrix(d, dtype=F64, device=cpu)
         for d in (y, sp.csr_matrix(y), torch.tensor(y).to_sparse_csr())
     ]
-    datas.append(SparseData(sp.csr_matrix(y), F64, cpu, backend="torch"))  # the GPU kernels
-    assert datas[1].scipy is not None and datas[3].scipy is None
+    datas.append(SparseData(sp.csr_matrix(y), F64, cpu, backend="scipy"))  # single-copy kernels
+    assert [d.backend for d in datas[1:]] == ["torch", "torch", "scipy"]
     for data in datas:
         eng = Engine(data, noise)
         eng.update_noise()
@@ -196,6 +196,45 @@ def test_sparse_and_dense_updates_agree_to_rounding(noise):
                 atol=1e-12,
             )
         assert eng.elbo() == pytest.approx(ref_eng.elbo(), rel=1e-12)
+
+
+@pytest.mark.parametrize("int64_indices", [False, True])
+def test_sparse_backends_give_the_dense_products(monkeypatch, int64_indices):
+    """The torch backend shares the caller's CSR arrays on the CPU (only Y^T is a copy);
+    past the int32 limit its index arrays are int64. Both backends give the dense
+    products, with several columns and one."""
+    import cebmf.data.matrix as matrix
+
+    if int64_indices:
+        monkeypatch.setattr(matrix, "_INT32_LIMIT", 100)
+    y = sp.csr_matrix(_log_counts())
+    assert y.indices.dtype == np.int32 and y.nnz > 100
+    dense = y.toarray()
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(1)
+    for backend in ("torch", "scipy"):
+        d = SparseData(y, F64, cpu, backend=backend)
+        assert d.backend == backend
+        if backend == "torch":
+            assert np.shares_memory(d.csr.values().numpy(), y.data)
+            want = torch.int64 if int64_indices else torch.int32
+            assert d.csr.col_indices().dtype == d.csr_t.crow_indices().dtype == want
+        for k in (1, 5):
+            b, a = rng.normal(size=(dense.shape[1], k)), rng.normal(size=(dense.shape[0], k))
+            np.testing.assert_allclose(d.matmul(torch.tensor(b)).numpy(), dense @ b, rtol=1e-12)
+            np.testing.assert_allclose(d.rmatmul(torch.tensor(a)).numpy(), dense.T @ a, rtol=1e-12)
+    with pytest.raises(ValueError, match="backend must be"):
+        SparseData(y, F64, cpu, backend="mkl")
+
+
+def test_sparse_backend_argument_gives_the_same_fit():
+    y = sp.csr_matrix(_log_counts())
+    fits = [cebmf.fit_ebmf(y, max_factors=4, sparse_backend=b) for b in ("scipy", "torch")]
+    assert fits[0].n_factors == fits[1].n_factors >= 2
+    assert fits[0].elbo == pytest.approx(fits[1].elbo, rel=1e-10)
+    np.testing.assert_allclose(fits[0].L @ fits[0].F.T, fits[1].L @ fits[1].F.T, atol=1e-7)
+    with pytest.raises(ValueError, match="sparse_backend must be"):
+        cebmf.fit_ebmf(y, sparse_backend="mkl")
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])

@@ -100,6 +100,30 @@ def test_integer_counts_and_logged_data_give_the_same_fit(counts):
     np.testing.assert_allclose(raw.obsm["X_cebmf"], logged.obsm["X_cebmf"], atol=1e-8)
 
 
+def test_sparse_kernels_keep_the_memory_of_a_transformed_copy(counts, monkeypatch):
+    """tl.fit's own float64 transform of the counts uses the single-copy scipy kernels (the
+    torch ones would add a transposed copy); the caller's float64 matrix, or an explicit
+    sparse_backend, gets the default torch kernels."""
+    import cebmf.data.convert as convert
+
+    seen = []
+
+    class Spy(convert.SparseData):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.backend)
+
+    monkeypatch.setattr(convert, "SparseData", Spy)
+    raw = counts.copy()
+    cebmf.tl.fit(raw, **FAST)
+    cebmf.tl.fit(raw.copy(), sparse_backend="torch", **FAST)
+    logged = counts.copy()
+    lib = np.asarray(counts.X.sum(1)).ravel()
+    logged.X = sp.csr_matrix(np.log1p(counts.X.toarray() / lib[:, None] * 1e4))
+    cebmf.tl.fit(logged, **FAST)
+    assert seen == ["scipy", "torch", "torch"]
+
+
 def test_h5ad_round_trip_keeps_every_output(counts, tmp_path):
     a = counts.copy()
     a.obs["group"] = pd.Categorical(np.where(np.arange(a.n_obs) % 3 == 0, "x", "y"))

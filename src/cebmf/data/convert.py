@@ -57,10 +57,25 @@ def _check_sparse_values(values: np.ndarray, name: str) -> None:
 
 
 def as_data_matrix(
-    y: Any, *, dtype: torch.dtype, device: torch.device, name: str = "Y"
+    y: Any,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str = "Y",
+    sparse_backend: str = "auto",
 ) -> DataMatrix:
     """A :class:`DataMatrix` from a numpy / torch dense array (NaN = missing), a scipy
-    sparse matrix or a torch sparse tensor. The input is never modified."""
+    sparse matrix or a torch sparse tensor. The input is never modified. ``sparse_backend``
+    chooses the kernels of sparse input (see :class:`SparseData`)."""
+    if sparse_backend not in ("auto", "scipy", "torch"):
+        raise ValueError(
+            f"sparse_backend must be 'auto', 'scipy' or 'torch', got {sparse_backend!r}."
+        )
+    if sparse_backend == "scipy" and device.type != "cpu":
+        raise ValueError(
+            f"sparse_backend='scipy' runs on the CPU only, but device is {device}; use "
+            "sparse_backend='auto' or 'torch'."
+        )
     if isinstance(y, DataMatrix):
         return y
     if sp.issparse(y):
@@ -71,12 +86,14 @@ def as_data_matrix(
         if csr.data.dtype.kind != "f":
             csr = csr.astype(np.float64)
         _check_shape(csr.shape, name)
-        return SparseData(csr, dtype, device)
+        return SparseData(csr, dtype, device, backend=sparse_backend)
     if isinstance(y, torch.Tensor) and y.layout != torch.strided:
         coo = y.detach().to_sparse_coo().coalesce().cpu()
         idx = coo.indices().numpy()
         mat = sp.csr_matrix((coo.values().numpy(), (idx[0], idx[1])), shape=tuple(coo.shape))
-        return as_data_matrix(mat, dtype=dtype, device=device, name=name)
+        return as_data_matrix(
+            mat, dtype=dtype, device=device, name=name, sparse_backend=sparse_backend
+        )
     if isinstance(y, torch.Tensor):
         t = y.detach()
         if t.is_complex():

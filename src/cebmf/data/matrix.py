@@ -19,15 +19,19 @@ import torch
 from .transforms import column_sums_of_squares, row_blocks, row_sums_of_squares
 
 _F64 = torch.float64
+#: Index arrays (indptr counts stored entries) switch to int64 from this size on.
+_INT32_LIMIT = 2**31
 
 
 def _torch_csr(mat: sp.csr_matrix, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A torch CSR tensor with int32 indices from a canonical scipy CSR matrix."""
+    """A torch CSR tensor from a canonical scipy CSR matrix: int32 indices (int64 from 2^31
+    stored entries on); on the CPU it shares the arrays that need no conversion."""
+    index = np.int32 if max(mat.nnz, *mat.shape) < _INT32_LIMIT else np.int64
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(
-            torch.from_numpy(mat.indptr.astype(np.int32, copy=False)),
-            torch.from_numpy(mat.indices.astype(np.int32, copy=False)),
+            torch.from_numpy(mat.indptr.astype(index, copy=False)),
+            torch.from_numpy(mat.indices.astype(index, copy=False)),
             torch.from_numpy(np.asarray(mat.data)).to(dtype),
             size=mat.shape,
             check_invariants=False,
@@ -111,11 +115,21 @@ class DenseData(DataMatrix):
 class SparseData(DataMatrix):
     """A sparse matrix (absent entries are zeros, never missing).
 
-    On the CPU the products use scipy's CSR kernels on the canonical CSR itself (``Y.T @ a``
-    is a CSC view of the same arrays: no transposed copy, and ~10x faster than torch's
-    sparse kernels there). On a GPU the matrix lives on the device as two int32 torch CSRs,
-    of Y and of Y^T (torch's ``X.t() @ U`` on a CSR is far slower than a CSR of X^T).
-    ``backend="torch"`` forces the torch kernels on the CPU too (used to test that path).
+    Two backends compute the products ``Y @ B`` and ``Y.T @ A``:
+
+    - ``"torch"``: two torch CSRs, of Y and of Y^T (torch's ``X.t() @ U`` on a CSR is ~30x
+      slower than a CSR of X^T). On the CPU the CSR of Y shares the caller's arrays and Y^T
+      is one transposed copy (the matrix twice in memory); torch's kernels use every
+      intra-op thread, 2-3x faster than scipy's on 2 cores. The only backend on a GPU.
+    - ``"scipy"``: scipy's single-threaded CSR kernels on the canonical CSR itself
+      (``Y.T @ a`` is a CSC view of the same arrays: no transposed copy). With float32
+      values and float64 compute (as for most h5ad files) the values are not copied
+      either: the products upcast row blocks, exactly.
+
+    ``"auto"`` picks ``"torch"`` unless the values would need a converted copy on the CPU
+    (float32 values, float64 compute), where ``"scipy"`` keeps the memory at one matrix.
+    ``fit_ebmf(..., sparse_backend="scipy")`` fits a matrix that fits in memory once but not
+    twice.
     """
 
     def __init__(
@@ -134,7 +148,11 @@ class SparseData(DataMatrix):
             csr = csr.copy()  # sorting / summing duplicates must not touch the caller's
             csr.sum_duplicates()
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        use_scipy = device.type == "cpu" and backend != "torch"
+        if backend == "auto":
+            upcast = device.type == "cpu" and csr.dtype == np.float32 and np_dtype == np.float64
+            backend = "scipy" if upcast else "torch"
+        use_scipy = backend == "scipy"
+        self.backend = backend
         self._blocks = None
         if csr.dtype == np.float32 and np_dtype == np.float64 and use_scipy:
             # float32 values (as in most h5ad files) are kept: the products upcast them in

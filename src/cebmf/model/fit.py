@@ -125,6 +125,7 @@ def fit_ebmf(
     max_iter: int = 500,
     device: str | torch.device = "auto",
     dtype: Any = None,
+    sparse_backend: str = "auto",
     random_state: int = 0,
     progress: bool = False,
     keep_ebnm_inputs: bool = False,
@@ -176,6 +177,11 @@ def fit_ebmf(
     device, dtype
         ``"auto"`` picks CUDA when available. dtype None: float32 on GPU, float64 on CPU;
         reductions (ELBO, noise) are float64 either way.
+    sparse_backend
+        Kernels of the sparse products (see :class:`~cebmf.data.SparseData`): ``"torch"``
+        (multi-threaded; holds a transposed copy, so the matrix twice), ``"scipy"`` (CPU
+        only, single-threaded, no copy) or ``"auto"`` (``"torch"`` unless the values would
+        need a converted copy, e.g. float32 values with float64 compute).
     random_state
         Seed of the initialisations.
     progress
@@ -201,7 +207,7 @@ def fit_ebmf(
         raise ValueError(f"max_factors must be at least 1, got {max_factors}.")
     if not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
-    data = as_data_matrix(Y, dtype=dt, device=dev)
+    data = as_data_matrix(Y, dtype=dt, device=dev, sparse_backend=sparse_backend)
     n, p = data.shape
     _check_zero_lines(data, noise)
     if tol is None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..data.convert import resolve_device
 from ..data.transforms import column_sums_of_squares
 from ..model.fit import fit_ebmf
 from ..priors.base import Prior
@@ -94,6 +95,21 @@ def _transform(x, transform, sf, target_sum, totals, argname):
             x, target_sum=target_sum, size_factors=sf, totals=totals
         ), "log1p_normalize"
     return apply_transform(x, transform, size_factors=sf, target_sum=target_sum, argname=argname)
+
+
+def _engine_options(y, made_here: bool, device, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus ``sparse_backend="scipy"`` for a sparse matrix this module made (a
+    float64 transform or concatenation) on the CPU: the torch kernels would add a
+    transposed copy, keeping the matrix in memory three times over the caller's float32
+    counts. The caller's own matrix (or an explicit ``sparse_backend``) keeps the default."""
+    if (
+        made_here
+        and sp.issparse(y)
+        and "sparse_backend" not in options
+        and resolve_device(device).type == "cpu"
+    ):
+        return {**options, "sparse_backend": "scipy"}
+    return options
 
 
 def _prior_spec(prior, has_cov: bool, default: str) -> Any:
@@ -254,7 +270,7 @@ def fit(
         random_state=random_state,
         progress=progress,
         fixed_loadings=np.ones(adata.n_obs) if intercept else None,
-        **engine_options,
+        **_engine_options(y, resolved not in (None, "none"), device, engine_options),
     )
     params = {
         "layer": layer,
@@ -389,7 +405,7 @@ def _fit_mudata(
         random_state=random_state,
         progress=progress,
         fixed_loadings=np.ones(out.n_obs) if intercept else None,
-        **engine_options,
+        **_engine_options(y, True, device, engine_options),
     )
     _write_obsm(out.obsm, res, key_added)
     var_mask, noise_sd = {}, {}
