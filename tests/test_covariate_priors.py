@@ -253,3 +253,52 @@ def test_self_covariates(with_x):
     svd = np.linalg.svd(d.Y, full_matrices=False)
     trunc = (svd[0][:, :2] * svd[1][:2]) @ svd[2][:2]
     assert err < np.sqrt(np.mean((trunc - d.signal) ** 2))
+
+
+def test_block_prior_with_a_covariate_block_is_the_separate_fits():
+    """A BlockPrior with a cash block (its own covariate columns) and a point-normal block
+    gives exactly the two separate EBNM fits: the block sees only its rows and columns.
+    The block-diagonal layout of a joint fit puts other blocks' covariates in the other
+    columns; they must not leak in."""
+    from cebmf.priors.block import BlockPrior
+
+    cov_a, _, x_a = simulate(n=600, seed=8)
+    _, _, x_b = simulate(n=300, seed=9, informative=False)
+    x = torch.tensor(np.concatenate([x_a, x_b]))
+    layout = np.zeros((900, 5))
+    layout[:600, 1:4] = cov_a
+    layout[600:, 4] = 7.0  # a column of the other block, ignored by the cash block
+    block = BlockPrior(
+        [600, 300],
+        ["cash", "point_normal"],
+        names=["rna", "atac"],
+        covariate_columns=[[1, 2, 3], None],
+    )
+    assert block.uses_covariates
+    s = torch.ones(1, dtype=torch.float64)
+    res = block.fit(x, s, torch.tensor(layout))
+    alone_a = get_prior("cash").fit(x[:600], s, torch.tensor(cov_a))
+    alone_b = get_prior("point_normal").fit(x[600:], s)
+    np.testing.assert_array_equal(res.mean[:600].numpy(), alone_a.mean.numpy())
+    np.testing.assert_array_equal(res.mean[600:].numpy(), alone_b.mean.numpy())
+    assert res.loglik == alone_a.loglik + alone_b.loglik
+    assert res.g["blocks"]["rna"]["pi0"].shape == (600,)
+    assert res.g["blocks"]["atac"]["family"] == "point_normal"
+    # covariates that drive the rna sparsity: the cash block beats a plain block
+    plain = BlockPrior([600, 300], ["point_normal", "point_normal"]).fit(x, s)
+    assert res.loglik > plain.loglik + 10
+    with pytest.raises(ValueError, match="needs covariates"):
+        block.fit(x, s)
+    with pytest.raises(ValueError, match="block 'atac' has covariate columns"):
+        BlockPrior(
+            [600, 300],
+            ["cash", "point_normal"],
+            names=["rna", "atac"],
+            covariate_columns=[[0], [1]],
+        )
+    with pytest.raises(ValueError, match="one entry per block"):
+        BlockPrior([600, 300], ["cash", "point_normal"], covariate_columns=[[0]])
+    with pytest.raises(ValueError, match="asks for covariate column 9"):
+        BlockPrior([600, 300], ["cash", "point_normal"], covariate_columns=[[9], None]).fit(
+            x, s, torch.tensor(layout)
+        )

@@ -204,6 +204,49 @@ def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
         cebmf.tl.fit(other, **FAST)
 
 
+def test_mudata_joint_fit_with_feature_covariates_per_modality(counts, tmp_path):
+    """var_covariates of a MuData is a dict by modality: the rna factors get a cash prior
+    on the rna genes' own covariate, atac keeps its plain prior; each block's prior is the
+    one it would get alone (pi0 per fitted rna gene)."""
+    import mudata as md
+
+    rng = np.random.default_rng(1)
+    atac = ad.AnnData(
+        sp.csr_matrix(rng.poisson(0.3, (counts.n_obs, 80)).astype(np.int64)),
+        obs=pd.DataFrame(index=counts.obs_names),
+    )
+    rna = counts.copy()
+    rna.var["log_mean"] = np.log1p(np.asarray(rna.X.mean(0)).ravel())
+    mdata = md.MuData({"rna": rna, "atac": atac})
+    cebmf.tl.fit(mdata, var_covariates={"rna": "log_mean"}, **FAST)
+    rec = mdata.uns["cebmf"]
+    assert rec["params"]["var_covariates"] == ["rna:log_mean"]
+    assert rec["params"]["prior_factors"] == {"rna": "cash", "atac": "point_normal"}
+    n_rna = int(rec["var_mask"]["rna"].sum())
+    for name in rec["factor_names"]:
+        blocks = rec["priors"][name]["factors"]["blocks"]
+        assert blocks["rna"]["family"] == "cash" and blocks["rna"]["pi0"].shape == (n_rna,)
+        assert blocks["atac"]["family"] == "point_normal"
+    # the stored covariates are block-diagonal: the rna genes' log means, zeros for atac
+    x_f = rec["covariates"]["factors"]
+    assert x_f.shape == (n_rna + int(rec["var_mask"]["atac"].sum()), 1)
+    np.testing.assert_allclose(
+        x_f[:n_rna, 0], rna.var["log_mean"].to_numpy()[rec["var_mask"]["rna"]]
+    )
+    assert np.all(x_f[n_rna:] == 0)
+    mdata.write_h5mu(tmp_path / "m.h5mu")
+    back = md.read_h5mu(tmp_path / "m.h5mu")
+    np.testing.assert_array_equal(
+        back["rna"].varm["cebmf_factors"], mdata["rna"].varm["cebmf_factors"]
+    )
+    with pytest.raises(TypeError, match="var_covariates of a MuData fit is a dict"):
+        cebmf.tl.fit(mdata, var_covariates="log_mean", key_added="b", **FAST)
+    with pytest.raises(ValueError, match=r"var_covariates: \['prot'\] not among"):
+        cebmf.tl.fit(mdata, var_covariates={"prot": "x"}, key_added="b", **FAST)
+    with pytest.raises(ValueError, match=r"var_covariates\['rna'\]: 'nope'"):
+        cebmf.tl.fit(mdata, var_covariates={"rna": "nope"}, key_added="b", **FAST)
+
+
 def test_bad_inputs_name_the_argument(counts):
     a = counts.copy()
     with pytest.raises(

@@ -17,6 +17,12 @@ class BlockPrior(Prior):
 
     The marginal log-likelihood is the sum over blocks; ``g`` is
     ``{"family": "block", "blocks": {name: g_b}, "sizes": ...}``.
+
+    Blocks may use covariate-moderated priors: the covariates given to :meth:`fit` have one
+    row per observation, and block b sees its own rows and the columns
+    ``covariate_columns[b]`` (default: all). The features of different modalities have
+    different covariates, so a joint fit lays them out block-diagonally (zeros elsewhere)
+    and names each block's columns. Blocks with plain priors ignore the covariates.
     """
 
     name = "block"
@@ -26,6 +32,7 @@ class BlockPrior(Prior):
         sizes: Sequence[int],
         priors: Sequence[str | Prior],
         names: Sequence[str] | None = None,
+        covariate_columns: Sequence[Sequence[int] | None] | None = None,
     ) -> None:
         super().__init__(0.0)
         if len(sizes) != len(priors) or not sizes:
@@ -34,8 +41,29 @@ class BlockPrior(Prior):
         self.priors = [get_prior(p) for p in priors]
         self.names = list(names) if names is not None else [f"block{i}" for i in range(len(sizes))]
         self.nonnegative = all(p.nonnegative for p in self.priors)
-        if any(p.uses_covariates for p in self.priors):
-            raise ValueError("covariate-moderated priors are not supported inside BlockPrior.")
+        self.uses_covariates = any(p.uses_covariates for p in self.priors)
+        if covariate_columns is None:
+            covariate_columns = [None] * len(self.sizes)
+        if len(covariate_columns) != len(self.sizes):
+            raise ValueError(
+                f"covariate_columns needs one entry per block ({len(self.sizes)}), got "
+                f"{len(covariate_columns)}."
+            )
+        self.covariate_columns = []
+        for name, prior, cols in zip(self.names, self.priors, covariate_columns, strict=True):
+            if cols is not None:
+                cols = [int(c) for c in cols]
+                if not prior.uses_covariates:
+                    raise ValueError(
+                        f"block {name!r} has covariate columns but its prior {prior.name!r} "
+                        "does not use covariates."
+                    )
+                if not cols or min(cols) < 0:
+                    raise ValueError(
+                        f"covariate_columns of block {name!r} must be non-negative column "
+                        f"indices (or None for all columns), got {cols}."
+                    )
+            self.covariate_columns.append(cols)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}={p!r}" for n, p in zip(self.names, self.priors, strict=True))
@@ -52,9 +80,12 @@ class BlockPrior(Prior):
             if g_init is not None
             else [None] * len(self.sizes)
         )
+        covs = self._block_covariates(covariates)
         parts = [
-            prior.fit(xb, sb, state=st, g_init=gi, fix_g=fix_g)
-            for prior, xb, sb, st, gi in zip(self.priors, xs, ss, states, inits, strict=True)
+            prior.fit(xb, sb, covariates=cb, state=st, g_init=gi, fix_g=fix_g)
+            for prior, xb, sb, cb, st, gi in zip(
+                self.priors, xs, ss, covs, states, inits, strict=True
+            )
         ]
         cat = {
             f: torch.cat([getattr(r, f) for r in parts]) for f in ("mean", "mean2", "sd", "lfsr")
@@ -71,3 +102,25 @@ class BlockPrior(Prior):
             g=g,
             state={"blocks": [r.state for r in parts]},
         )
+
+    def _block_covariates(self, covariates: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Each block's rows (and its columns) of ``covariates``; None for plain blocks."""
+        if covariates is None:
+            return [None] * len(self.sizes)
+        out, start = [], 0
+        for prior, size, cols, name in zip(
+            self.priors, self.sizes, self.covariate_columns, self.names, strict=True
+        ):
+            block = None
+            if prior.uses_covariates:
+                block = covariates[start : start + size]
+                if cols is not None:
+                    if max(cols) >= covariates.shape[1]:
+                        raise ValueError(
+                            f"block {name!r} asks for covariate column {max(cols)}, but the "
+                            f"covariates have {covariates.shape[1]} columns."
+                        )
+                    block = block[:, cols]
+            out.append(block)
+            start += size
+        return out

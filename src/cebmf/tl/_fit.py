@@ -164,7 +164,10 @@ def fit(
         Cell / gene covariates for the priors of the loadings / factors: an ``obs`` / ``var``
         column name or list of names (numeric as is, booleans 0/1, categoricals one-hot),
         an ``obsm`` / ``varm`` key (e.g. ``"spatial"``, a gene-set membership matrix), or an
-        array. Standardised inside the priors.
+        array. Standardised inside the priors. MuData: ``var_covariates`` is a dict by
+        modality (each modality's features have their own covariates; a modality left out
+        keeps a plain prior), and ``uns[key]["params"]["var_covariates"]`` names the columns
+        ``"mod:name"``.
     n_factors
         Most factors to add; the number kept is chosen by the data (greedy + nullcheck).
     prior_loadings, prior_factors
@@ -322,6 +325,36 @@ def _write_varm(varm, f, f_sd, f_lfsr, rows, n_vars, key: str) -> None:
     varm[f"{key}_factors_lfsr"] = full_rows(f_lfsr, rows, n_vars, 1.0)
 
 
+def _block_var_covariates(spec, mdata, mods, rows, sizes):
+    """Feature covariates of a joint fit, laid out block-diagonally: modality m's fitted
+    features (rows) times its own covariate columns, zeros elsewhere. Returns the matrix
+    (or None), the column labels ``"mod:name"`` and each block's column indices (None for
+    a modality without covariates)."""
+    if not spec:
+        return None, [], [None] * len(mods)
+    mats, labels, columns, width = [], [], [], 0
+    for m in mods:
+        if spec.get(m) is None:
+            mats.append(None)
+            columns.append(None)
+            continue
+        mod = mdata.mod[m]
+        x, names = resolve_covariates(
+            spec[m], mod.var, mod.varm, mod.n_vars, f"var_covariates[{m!r}]", "features"
+        )
+        mats.append(x[rows[m]])
+        columns.append(list(range(width, width + x.shape[1])))
+        labels += [f"{m}:{name}" for name in names]
+        width += x.shape[1]
+    out = np.zeros((sum(sizes), width))
+    start = 0
+    for x, cols, size in zip(mats, columns, sizes, strict=True):
+        if x is not None:
+            out[start : start + size, cols[0] : cols[-1] + 1] = x
+        start += size
+    return out, labels, columns
+
+
 def _fit_mudata(
     mdata,
     *,
@@ -345,10 +378,11 @@ def _fit_mudata(
     progress,
     **engine_options,
 ):
-    if var_covariates is not None:
-        raise ValueError(
-            "var_covariates are not supported for a joint MuData fit (the modalities' "
-            "features differ); fit one modality with cebmf.tl.fit(mdata[mod], ...)."
+    if var_covariates is not None and not isinstance(var_covariates, dict):
+        raise TypeError(
+            "var_covariates of a MuData fit is a dict {modality: columns of its var / keys "
+            "of its varm / an array with one row per feature}: the modalities' features "
+            f"differ; got {type(var_covariates).__name__}."
         )
     if noise != "column":
         raise ValueError("a joint MuData fit uses noise='column' (per-feature variances).")
@@ -357,6 +391,11 @@ def _fit_mudata(
     if unknown or not mods:
         raise ValueError(
             f"mods: {unknown or mods} not modalities of the MuData ({', '.join(mdata.mod)})."
+        )
+    extra = [m for m in (var_covariates or {}) if m not in mods]
+    if extra:
+        raise ValueError(
+            f"var_covariates: {extra} not among the fitted modalities ({', '.join(mods)})."
         )
     obs_names = mdata.obs_names
     for m in mods:
@@ -392,8 +431,12 @@ def _fit_mudata(
         obs_covariates, out.obs, out.obsm, out.n_obs, "obs_covariates", "cells"
     )
     pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
-    per_mod_f = [_per_mod(prior_factors, m) or "point_normal" for m in mods]
-    pf = BlockPrior(sizes, per_mod_f, names=mods)
+    x_f, f_names, f_columns = _block_var_covariates(var_covariates, out, mods, rows, sizes)
+    per_mod_f = [
+        _prior_spec(_per_mod(prior_factors, m), cols is not None, "point_normal")
+        for m, cols in zip(mods, f_columns, strict=True)
+    ]
+    pf = BlockPrior(sizes, per_mod_f, names=mods, covariate_columns=f_columns)
     res = fit_ebmf(
         y,
         max_factors=n_factors,
@@ -401,6 +444,7 @@ def _fit_mudata(
         prior_factors=pf,
         noise=noise,
         X_l=x_l,
+        X_f=x_f,
         device=device,
         random_state=random_state,
         progress=progress,
@@ -425,7 +469,7 @@ def _fit_mudata(
         "transform": resolved,
         "target_sum": float(target_sum),
         "obs_covariates": l_names,
-        "var_covariates": [],
+        "var_covariates": f_names,
         "n_factors": int(n_factors),
         "prior_loadings": _describe(pl),
         "prior_factors": {m: _describe(p) for m, p in zip(mods, per_mod_f, strict=True)},
@@ -437,6 +481,8 @@ def _fit_mudata(
         "engine": h5_safe(engine_options),
     }
     covariates = {} if x_l is None else {"loadings": x_l, "loadings_names": l_names}
+    if x_f is not None:
+        covariates["factors"], covariates["factors_names"] = x_f, f_names
     out.uns[key_added] = uns_summary(
         res,
         params,
