@@ -239,6 +239,15 @@ def test_mudata_joint_fit_with_feature_covariates_per_modality(counts, tmp_path)
     np.testing.assert_array_equal(
         back["rna"].varm["cebmf_factors"], mdata["rna"].varm["cebmf_factors"]
     )
+    # the command line names a modality's covariates MOD:COLUMN
+    from cebmf.cli import main
+
+    args = ["fit", str(tmp_path / "m.h5mu"), str(tmp_path / "o.h5mu"), "-q", "--n-factors", "3"]
+    assert main([*args, "--key-added", "cli", "--var-covariates", "rna:log_mean"]) == 0
+    cli = md.read_h5mu(tmp_path / "o.h5mu").uns["cli"]["params"]
+    assert list(cli["var_covariates"]) == ["rna:log_mean"]
+    with pytest.raises(SystemExit, match="write them MOD:COLUMN"):
+        main([*args, "--var-covariates", "log_mean"])
     with pytest.raises(TypeError, match="var_covariates of a MuData fit is a dict"):
         cebmf.tl.fit(mdata, var_covariates="log_mean", key_added="b", **FAST)
     with pytest.raises(ValueError, match=r"var_covariates: \['prot'\] not among"):

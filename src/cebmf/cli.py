@@ -18,6 +18,23 @@ def _names(value: str | None) -> list[str] | None:
     return names or None
 
 
+def _by_modality(names: list[str] | None) -> dict[str, list[str]] | None:
+    """``["rna:log_mean", "atac:gc"]`` -> ``{"rna": ["log_mean"], "atac": ["gc"]}``: the
+    feature covariates of a MuData belong to one modality each."""
+    if names is None:
+        return None
+    out: dict[str, list[str]] = {}
+    for name in names:
+        mod, sep, column = name.partition(":")
+        if not (sep and mod and column):
+            raise SystemExit(
+                f"cebmf fit: --var-covariates {name!r}: an .h5mu's feature covariates belong "
+                "to one modality each; write them MOD:COLUMN (e.g. rna:log_mean)."
+            )
+        out.setdefault(mod, []).append(column)
+    return out
+
+
 def _fit(args: argparse.Namespace) -> int:
     from . import tl
 
@@ -31,9 +48,11 @@ def _fit(args: argparse.Namespace) -> int:
             f"cebmf fit: output {dest} must end in {wanted} (the input {src.name} is "
             f"{'a MuData' if wanted == '.h5mu' else 'an AnnData'} file)."
         )
+    var_covariates = _names(args.var_covariates)
     if src.suffix == ".h5mu":
         import mudata as md
 
+        var_covariates = _by_modality(var_covariates)
         data = md.read_h5mu(src)
     else:
         import anndata as ad
@@ -47,7 +66,7 @@ def _fit(args: argparse.Namespace) -> int:
         data,
         layer=args.layer,
         obs_covariates=_names(args.obs_covariates),
-        var_covariates=_names(args.var_covariates),
+        var_covariates=var_covariates,
         n_factors=args.n_factors,
         prior_loadings=args.prior_loadings,
         prior_factors=args.prior_factors,
@@ -103,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("output", help="output .h5ad or .h5mu")
     fit.add_argument("--layer", help="use this layer instead of X")
     fit.add_argument("--obs-covariates", help="comma-separated obs columns / obsm keys")
-    fit.add_argument("--var-covariates", help="comma-separated var columns / varm keys")
+    fit.add_argument(
+        "--var-covariates",
+        help="comma-separated var columns / varm keys (.h5mu: MOD:COLUMN, e.g. rna:log_mean)",
+    )
     fit.add_argument("--n-factors", type=int, default=30, help="most factors (default 30)")
     fit.add_argument("--prior-loadings", help="prior family of the loadings")
     fit.add_argument("--prior-factors", help="prior family of the factors")
