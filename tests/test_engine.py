@@ -498,3 +498,32 @@ def test_max_iter_caps_the_backfit_sweeps_over_all_rounds():
     res = cebmf.fit_ebmf(y, noise="constant", max_iter=3)
     assert res.n_iter <= 3
     assert not res.converged and res.stop_reason == "max_iter"
+
+
+def test_greedy_factors_stop_at_a_relative_gain_and_the_backfit_finishes(monkeypatch):
+    """A greedy factor stops once a step gains less than _GREEDY_REL_TOL of its gain so far:
+    on strong factors this saves products, and after the backfit the fit matches the one
+    whose greedy factors were converged to tol (same factors, ELBO within a few tol)."""
+    from cebmf.data.matrix import DenseData
+    from cebmf.model import fit as fit_module
+
+    y, *_ = simulate(n=600, p=200, k=4, sd=0.5, seed=27, density=0.4)
+    counts = {"n": 0}
+    real = DenseData.matmul
+
+    def counted(self, b):
+        counts["n"] += 1
+        return real(self, b)
+
+    monkeypatch.setattr(DenseData, "matmul", counted)
+    fits = {}
+    for rel in (0.0, fit_module._GREEDY_REL_TOL):
+        monkeypatch.setattr(fit_module, "_GREEDY_REL_TOL", rel)
+        counts["n"] = 0
+        fits[rel] = (cebmf.fit_ebmf(y, noise="constant"), counts["n"])
+    (tight, n_tight), (loose, n_loose) = fits.values()
+    assert tight.n_factors == loose.n_factors == 4
+    assert n_loose < 0.9 * n_tight
+    tol = y.size * np.sqrt(np.finfo(float).eps)
+    assert abs(loose.elbo - tight.elbo) < 20 * tol
+    np.testing.assert_allclose(loose.L @ loose.F.T, tight.L @ tight.F.T, atol=1e-3)
