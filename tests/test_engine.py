@@ -527,3 +527,31 @@ def test_greedy_factors_stop_at_a_relative_gain_and_the_backfit_finishes(monkeyp
     tol = y.size * np.sqrt(np.finfo(float).eps)
     assert abs(loose.elbo - tight.elbo) < 20 * tol
     np.testing.assert_allclose(loose.L @ loose.F.T, tight.L @ tight.F.T, atol=1e-3)
+
+
+def test_update_reports_a_factor_that_became_zero():
+    """update() returns False exactly when is_zero() holds afterwards: this side came out
+    exactly zero (the null won the EBNM fit), or the other side already was (then nothing
+    is updated)."""
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(200, 50))
+    eng = Engine(as_data_matrix(y, dtype=F64, device=torch.device("cpu")), "constant")
+    eng.update_noise()
+    prior = get_prior("point_normal")
+    lm, fm = torch.tensor(rng.normal(size=200) * 1e-3), torch.tensor(rng.normal(size=50))
+    eng.add_factor(lm, 0 * lm, fm, 0 * fm, prior, prior)
+    # pure noise: the factors side's EBNM problem is null, so f comes out exactly zero
+    alive = eng.update("factors", 0, eng.prepare("factors"))
+    assert eng.is_zero(0) and not alive
+    assert float(eng.factors.mean[:, 0].abs().max()) == 0.0
+    before = eng.loadings.mean[:, 0].clone()
+    assert not eng.update("loadings", 0, eng.prepare("loadings"))
+    assert torch.equal(eng.loadings.mean[:, 0], before)  # nothing was updated
+    # a live factor: the same answer from both
+    a = rng.normal(size=200)
+    y2 = np.outer(a, rng.normal(size=50)) * 3 + rng.normal(size=(200, 50))
+    eng2 = Engine(as_data_matrix(y2, dtype=F64, device=torch.device("cpu")), "constant")
+    eng2.update_noise()
+    eng2.add_factor(torch.tensor(a), 0 * lm, fm, 0 * fm, prior, prior)
+    for which in ("factors", "loadings"):
+        assert eng2.update(which, 0, eng2.prepare(which)) and not eng2.is_zero(0)

@@ -407,8 +407,11 @@ class Engine:
         return x, s
 
     def update(self, which: str, k: int, pre: dict) -> bool:
-        """Rank-one update of side ``which`` of factor k. Returns False when the other
-        side is exactly zero (the factor carries nothing and should be removed)."""
+        """Rank-one update of side ``which`` of factor k. Returns False when the factor
+        carries nothing and should be removed: the other side is exactly zero (then nothing
+        is updated), or this side came out exactly zero (mean 0 and variance 0: the prior
+        put all its mass on the point at zero). The same as :meth:`is_zero` after the
+        update, checked on the EBNM result, which is contiguous (a column is not)."""
         this, other = self.side(which)
         if this.fixed[k]:
             return True
@@ -417,14 +420,16 @@ class Engine:
         x, s = self.ebnm_inputs(which, k, pre)
         res = this.priors[k].fit(x, s, covariates=self._covariates(this, k), state=this.states[k])
         old = this.mean[:, k].clone() if self.masked else None
+        var = res.sd * res.sd
         this.mean[:, k] = res.mean
-        this.var[:, k] = res.sd * res.sd
+        this.var[:, k] = var
         this.lfsr[:, k] = res.lfsr
         this.states[k] = res.state
         this.g[k] = res.g
         this.kl[k] = torch.as_tensor(
             res.loglik, dtype=_F64, device=x.device
         ) - expected_loglik_normal(x, s, res.mean, res.sd.to(_F64) ** 2)
+        alive = bool(((res.mean != 0) | (var > 0)).any())
         if self.keep_inputs:
             this.last_x[k], this.last_s[k] = x, s.expand_as(x)
         if self.masked:
@@ -436,7 +441,7 @@ class Engine:
             )
             self.resid -= outer
         self._invalidate(which, k)
-        return True
+        return alive
 
     def _covariates(self, side: Side, k: int) -> torch.Tensor | None:
         """The side's covariates for factor k (with self covariates: the other factors'

@@ -386,7 +386,7 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
 
     def step() -> list[int]:
         for which in ("loadings", "factors"):
-            if not engine.update(which, k, engine.prepare(which, [k])) or engine.is_zero(k):
+            if not engine.update(which, k, engine.prepare(which, [k])):
                 return [k]
         engine.update_noise()
         return []
@@ -445,7 +445,7 @@ def _sweep(engine: Engine) -> list[int]:
         for k in range(engine.k):
             if k in dead:
                 continue
-            if not engine.update(which, k, pre) or engine.is_zero(k):
+            if not engine.update(which, k, pre):
                 dead.add(k)
     if dead:
         engine.remove_factors(sorted(dead))
