@@ -410,8 +410,8 @@ class Engine:
         """Rank-one update of side ``which`` of factor k. Returns False when the factor
         carries nothing and should be removed: the other side is exactly zero (then nothing
         is updated), or this side came out exactly zero (mean 0 and variance 0: the prior
-        put all its mass on the point at zero). The same as :meth:`is_zero` after the
-        update, checked on the EBNM result, which is contiguous (a column is not)."""
+        put all its mass on the point at zero), checked on the EBNM result, which is
+        contiguous (a column is not)."""
         this, other = self.side(which)
         if this.fixed[k]:
             return True
@@ -458,13 +458,6 @@ class Engine:
         if side.covariates is None:
             return others
         return torch.cat([side.covariates, others], dim=1)
-
-    def is_zero(self, k: int) -> bool:
-        """True when either side of factor k is exactly zero (not for fixed sides)."""
-        return any(
-            not bool(((side.mean[:, k] != 0) | (side.var[:, k] > 0)).any()) and not side.fixed[k]
-            for side in (self.loadings, self.factors)
-        )
 
     # ---- noise and ELBO ------------------------------------------------------------
     def expected_sq_resid(self) -> torch.Tensor:

@@ -342,9 +342,7 @@ def fit_ebmf(
             if not dropped or not backfit or n_iter >= max_iter:
                 break
         # retry the greedy addition only if a backfit moved the residual and budget is left
-        if not (greedy and backfit) or engine.k == 0 or n_learned() >= cap:
-            break
-        if n_iter >= max_iter:
+        if not (greedy and backfit) or engine.k == 0 or n_learned() >= cap or n_iter >= max_iter:
             break
     bar.close()
     res = _result(engine, trace, converged, stop, n_iter)
