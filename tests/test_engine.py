@@ -409,6 +409,82 @@ def test_odd_but_valid_inputs():
     np.testing.assert_array_equal(y, before)
 
 
+def test_masked_array_entries_are_missing():
+    y, *_ = simulate(n=40, p=30, seed=16, sd=0.5)
+    hide = np.random.default_rng(0).random(y.shape) < 0.1
+    masked = np.ma.masked_array(y, mask=hide)
+    before = masked.data.copy()
+    res = cebmf.fit_ebmf(masked)
+    ref = cebmf.fit_ebmf(np.where(hide, np.nan, y))
+    assert res.elbo == pytest.approx(ref.elbo, rel=1e-12)
+    np.testing.assert_allclose(res.fitted(), ref.fitted(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(masked.data, before)  # the caller's data is not filled
+    # an integer masked array becomes a floating copy with NaN where masked
+    ints = np.ma.masked_array(np.round(y * 10).astype(np.int64), mask=hide)
+    ref_int = cebmf.fit_ebmf(np.where(hide, np.nan, np.round(y * 10)))
+    assert cebmf.fit_ebmf(ints).elbo == pytest.approx(ref_int.elbo, rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-7, 1e7, 1e100])
+def test_fit_is_equivariant_to_the_scale_of_y(scale):
+    """Multiplying Y by c multiplies L F^T by c and moves the ELBO by exactly -N P log c
+    (every prior family here is a scale family, the noise variances scale by c^2): a check
+    of the arithmetic far from unit scale, against the unit-scale fit."""
+    y, *_ = simulate(n=60, p=40, seed=17, sd=0.5)
+    ref = cebmf.fit_ebmf(y, noise="column")
+    for data in (y * scale, sp.csr_matrix(y * scale)):
+        res = cebmf.fit_ebmf(data, noise="column")
+        assert res.n_factors == ref.n_factors
+        assert res.elbo == pytest.approx(ref.elbo - y.size * np.log(scale), abs=1e-6)
+        np.testing.assert_allclose(res.fitted() / scale, ref.fitted(), rtol=1e-7, atol=1e-9)
+
+
+def test_values_beyond_the_safe_range_are_refused():
+    y, *_ = simulate(n=30, p=20, seed=18)
+    for scale, kwargs in [(1e160, {}), (1e-160, {}), (1e30, {"dtype": "float32"})]:
+        for data in (y * scale, sp.csr_matrix(y * scale)):
+            with pytest.raises(ValueError, match=r"Y's largest absolute value is .*rescale Y"):
+                cebmf.fit_ebmf(data, **kwargs)
+    # float64 values that float32 cannot hold: the message names the value, not an Inf
+    with pytest.raises(ValueError, match=r"largest absolute value is \d.*e\+4.*dtype='float64'"):
+        cebmf.fit_ebmf(y * 1e40, dtype="float32")
+    # Inf in the input keeps its own message
+    with pytest.raises(ValueError, match="infinite"):
+        cebmf.fit_ebmf(np.where(y > 2, np.inf, y), dtype="float32")
+
+
+def test_more_bad_arguments_have_clear_errors():
+    y, *_ = simulate(n=30, p=20, seed=19)
+    with pytest.raises(TypeError, match="prior_loadings must be a prior name, a Prior inst"):
+        cebmf.fit_ebmf(y, prior_loadings=3)
+    # flat on a learned factor: the loading / factor scale split would drift to overflow
+    # (it used to end in "math domain error" inside the EBNM solver)
+    with pytest.raises(ValueError, match="prior_factors: the flat prior cannot serve learned"):
+        cebmf.fit_ebmf(y, prior_factors="flat")
+    with pytest.raises(ValueError, match="fixed_loadings column 1 is all zero"):
+        cebmf.fit_ebmf(y, fixed_loadings=np.c_[np.ones(30), np.zeros(30)])
+    with pytest.raises(TypeError, match="random_state must be an int, None or a numpy random"):
+        cebmf.fit_ebmf(y, random_state="0")
+
+
+def test_random_state_takes_generators_and_none():
+    y, *_ = simulate(n=80, p=50, k=2, sd=0.5, seed=20)
+    a = cebmf.fit_ebmf(y, random_state=np.random.default_rng(5))
+    # a generator gives the fit of the integer seed drawn from it
+    seed = int(np.random.default_rng(5).integers(0, 2**63 - 1))
+    b = cebmf.fit_ebmf(y, random_state=seed)
+    assert a.elbo == b.elbo
+    np.testing.assert_array_equal(a.L, b.L)
+    legacy = np.random.RandomState(3)
+    c = cebmf.fit_ebmf(y, random_state=legacy)
+    d = cebmf.fit_ebmf(y, random_state=int(np.random.RandomState(3).randint(0, 2**31 - 1)))
+    assert c.elbo == d.elbo
+    # None: a fresh seed; two well-separated factors are found whatever it is
+    fresh = cebmf.fit_ebmf(y, random_state=None)
+    assert fresh.n_factors == a.n_factors == 2
+    assert fresh.elbo == pytest.approx(a.elbo, rel=1e-6)
+
+
 def _one_factor_engine(seed=21):
     y, *_ = simulate(n=80, p=50, seed=seed)
     data = as_data_matrix(y, dtype=F64, device=torch.device("cpu"))

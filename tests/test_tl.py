@@ -161,6 +161,19 @@ def test_key_added_twice_and_copy(counts):
     assert "X_cebmf" in out.obsm
 
 
+def test_a_drawn_seed_is_recorded_and_reproduces_the_fit(counts):
+    a = counts.copy()
+    cebmf.tl.fit(a, random_state=np.random.default_rng(7), **FAST)
+    seed = a.uns["cebmf"]["params"]["random_state"]
+    assert seed == int(np.random.default_rng(7).integers(0, 2**63 - 1))
+    b = counts.copy()
+    cebmf.tl.fit(b, random_state=seed, **FAST)
+    np.testing.assert_array_equal(a.obsm["X_cebmf"], b.obsm["X_cebmf"])
+    c = counts.copy()
+    cebmf.tl.fit(c, random_state=None, **FAST)
+    assert isinstance(c.uns["cebmf"]["params"]["random_state"], int)
+
+
 def test_mask_var_gives_full_length_outputs_with_zero_rows(counts):
     a = counts.copy()
     hv = np.zeros(a.n_vars, dtype=bool)

@@ -11,6 +11,26 @@ import torch
 _FLOATS = (torch.float32, torch.float64)
 
 
+def resolve_seed(random_state: Any, name: str = "random_state") -> int:
+    """An integer seed from ``random_state``: an int is used as it is, None draws a fresh
+    one from the operating system, a numpy ``Generator`` / ``RandomState`` draws one from
+    itself (advancing it), as in scikit-learn and scanpy."""
+    if isinstance(random_state, bool):
+        raise TypeError(f"{name} must be an int, None or a numpy random generator, got a bool.")
+    if isinstance(random_state, int | np.integer):
+        return int(random_state)
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**63 - 1))
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    raise TypeError(
+        f"{name} must be an int, None or a numpy random generator, got "
+        f"{type(random_state).__name__}."
+    )
+
+
 def as_vector(value: Any, name: str) -> tuple[torch.Tensor, bool]:
     """A 1-D floating tensor from a numpy array, torch tensor or sequence.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,8 @@ def as_data_matrix(
             raise ValueError(f"{name} must be 2-dimensional, got shape {y.shape}.")
         csr = sp.csr_matrix(y)  # a copy for any other format; CSR input is not modified
         _check_sparse_values(csr.data, name)
+        if csr.nnz:  # max and -min: no temporary of the size of the values
+            _check_scale(max(float(csr.data.max()), -float(csr.data.min())), dtype, name)
         if csr.data.dtype.kind != "f":
             csr = csr.astype(np.float64)
         _check_shape(csr.shape, name)
@@ -99,22 +102,62 @@ def as_data_matrix(
         if t.is_complex():
             raise TypeError(f"{name} must be real, got a complex tensor.")
     else:
-        arr = np.asarray(y)
-        if arr.dtype == object or arr.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}.")
+        arr = _as_numeric_array(y, name)
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-dimensional, got shape {tuple(t.shape)}.")
     _check_shape(tuple(t.shape), name)
+    if t.is_floating_point():  # before the conversion, which may overflow to Inf itself
+        inf = torch.isinf(t)
+        if bool(inf.any()):
+            raise ValueError(
+                f"{name} contains {int(inf.sum())} infinite value(s); replace them (NaN marks "
+                "a missing entry, Inf is not allowed)."
+            )
     # may share the caller's memory: the engine only ever reads it
-    t = t.to(device=device, dtype=dtype).contiguous()
-    inf = torch.isinf(t)
-    if bool(inf.any()):
-        raise ValueError(
-            f"{name} contains {int(inf.sum())} infinite value(s); replace them (NaN marks a "
-            "missing entry, Inf is not allowed)."
-        )
-    return DenseData(t)
+    data = DenseData(t.to(device=device, dtype=dtype).contiguous())
+    values = data.values  # missing entries are 0 here
+    largest = float(torch.maximum(values.max(), -values.min()))
+    if math.isinf(largest):  # the conversion overflowed (an Inf in Y was refused above)
+        largest = float(torch.nan_to_num(t.double(), nan=0.0).abs().max())
+    _check_scale(largest, dtype, name)
+    return data
+
+
+def _as_numeric_array(y: Any, name: str) -> np.ndarray:
+    """A numeric numpy array; the masked entries of a numpy masked array become NaN
+    (missing) in a floating copy."""
+    mask = np.ma.getmaskarray(y) if isinstance(y, np.ma.MaskedArray) else None
+    arr = np.asarray(np.ma.getdata(y) if mask is not None else y)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}.")
+    if mask is not None and mask.any():
+        arr = arr.astype(np.promote_types(arr.dtype, np.float32))  # a copy
+        arr[mask] = np.nan
+    return arr
+
+
+def _check_scale(largest: float, dtype: torch.dtype, name: str) -> None:
+    """The engine squares values and variances of their size: the largest absolute value
+    must lie in [tiny^0.45, max^0.45] of the compute dtype (float64: about 1e-138 to 1e138;
+    float32: about 8e-18 to 2e17), where squares neither overflow nor sink to subnormals.
+    An all-zero matrix passes here (the fit refuses it with its own message)."""
+    if largest == 0:
+        return
+    info = torch.finfo(dtype)
+    lo, hi = info.tiny**0.45, info.max**0.45
+    if lo <= largest <= hi:
+        return
+    wide = torch.finfo(torch.float64)
+    hint = ""
+    if dtype != torch.float64 and wide.tiny**0.45 <= largest <= wide.max**0.45:
+        hint = ", or compute in float64 (dtype='float64')"
+    raise ValueError(
+        f"{name}'s largest absolute value is {largest:.3g}, outside [{lo:.1e}, {hi:.1e}], the "
+        f"range that {str(dtype).removeprefix('torch.')} arithmetic handles (squares of the "
+        f"values would overflow or underflow); rescale {name}, e.g. divide it by "
+        f"{largest:.3g}{hint}."
+    )
 
 
 def _check_shape(shape: tuple[int, int], name: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._validation import resolve_seed
 from ..data.convert import as_data_matrix, resolve_device, resolve_dtype
 from ..priors.base import Prior, get_prior
 from .engine import Engine
@@ -31,6 +32,11 @@ class _PriorChoice:
     def __init__(self, spec: PriorSpec, argname: str) -> None:
         if isinstance(spec, str | Prior):
             spec = [spec]
+        elif not isinstance(spec, Sequence):
+            raise TypeError(
+                f"{argname} must be a prior name, a Prior instance or a sequence of them (one "
+                f"per factor), got {type(spec).__name__}."
+            )
         spec = list(spec)
         if not spec:
             raise ValueError(f"{argname} is an empty sequence; give a prior name or instance.")
@@ -40,6 +46,15 @@ class _PriorChoice:
                 self.priors.append(get_prior(item))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{argname}: {err}") from err
+            if self.priors[-1].name == "flat":
+                raise ValueError(
+                    f"{argname}: the flat prior cannot serve learned factors. Nothing pins "
+                    "the split of a factor's scale between its loadings and factors, and the "
+                    "flat ELBO convention keeps rewarding a larger flat side, so the split "
+                    "drifts (for weak factors, to overflow). Use 'normal' for dense values "
+                    "without sparsity; flat is what the free side of fixed_loadings / "
+                    "fixed_factors gets."
+                )
         self.argname = argname
 
     def __getitem__(self, k: int) -> Prior:
@@ -126,7 +141,7 @@ def fit_ebmf(
     device: str | torch.device = "auto",
     dtype: Any = None,
     sparse_backend: str = "auto",
-    random_state: int = 0,
+    random_state: int | np.random.Generator | None = 0,
     progress: bool = False,
     keep_ebnm_inputs: bool = False,
     self_covariates: bool = False,
@@ -146,8 +161,10 @@ def fit_ebmf(
     Parameters
     ----------
     Y
-        N x P data: dense numpy / torch (NaN = missing), scipy sparse, or torch sparse.
-        Never modified; sparse input is never densified.
+        N x P data: dense numpy / torch (NaN or a masked entry of a numpy masked array =
+        missing), scipy sparse, or torch sparse. Never modified; sparse input is never
+        densified. Its largest absolute value must lie within about 1e-138 to 5e138
+        (float64) or 8e-18 to 2e17 (float32), where squares stay representable.
     max_factors
         Upper bound on the number of factors added greedily (capped at min(N, P)).
     prior_loadings, prior_factors
@@ -184,7 +201,8 @@ def fit_ebmf(
         only, single-threaded, no copy) or ``"auto"`` (``"torch"`` unless the values would
         need a converted copy, e.g. float32 values with float64 compute).
     random_state
-        Seed of the initialisations.
+        Seed of the initialisations: an int, None (a fresh seed from the operating system)
+        or a numpy random generator (a seed is drawn from it).
     progress
         Show a progress bar (tqdm) on stderr; logging goes to the ``cebmf`` logger.
     keep_ebnm_inputs
@@ -233,7 +251,7 @@ def fit_ebmf(
                 f"{argname} is None; pass {argname} (one row per "
                 f"{'row' if argname == 'X_l' else 'column'} of Y) or self_covariates=True."
             )
-    gen = torch.Generator().manual_seed(int(random_state))
+    gen = torch.Generator().manual_seed(resolve_seed(random_state))
 
     engine = Engine(data, noise, keep_inputs=keep_ebnm_inputs, self_covariates=self_covariates)
     engine.loadings.covariates, engine.factors.covariates = cov_l, cov_f
@@ -251,6 +269,11 @@ def fit_ebmf(
         cols = _as_matrix(arr, n if fixed_side == "loadings" else p, argname, dt, dev)
         for j in range(cols.shape[1]):
             v = cols[:, j]
+            if not bool((v != 0).any()):
+                raise ValueError(
+                    f"{argname} column {j} is all zero: that fixed factor would carry "
+                    "nothing. Drop the column."
+                )
             if fixed_side == "loadings":
                 engine.add_factor(
                     v,

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from .._validation import resolve_seed
 from ..data.convert import resolve_device
 from ..data.transforms import column_sums_of_squares
 from ..model.fit import fit_ebmf
@@ -144,7 +145,7 @@ def fit(
     mods: list[str] | None = None,
     key_added: str = "cebmf",
     device: str = "auto",
-    random_state: int = 0,
+    random_state: int | np.random.Generator | None = 0,
     copy: bool = False,
     progress: bool = False,
     **engine_options: Any,
@@ -196,7 +197,9 @@ def fit(
         Results go to ``obsm["X_" + key_added]``, ``varm[key_added + "_factors"]`` and
         ``uns[key_added]``.
     device, random_state, progress, **engine_options
-        Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``).
+        Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``);
+        ``params["random_state"]`` records the integer seed used (drawn when None or a
+        numpy generator is given).
     copy
         Return a modified copy instead of writing into ``data``.
 
@@ -213,6 +216,7 @@ def fit(
         md = None
     if not isinstance(key_added, str) or not key_added or "/" in key_added:
         raise ValueError(f"key_added must be a non-empty string without '/', got {key_added!r}.")
+    random_state = resolve_seed(random_state)  # params record the seed actually used
     if md is not None and isinstance(data, md.MuData):
         return _fit_mudata(
             data,
