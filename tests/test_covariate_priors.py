@@ -302,3 +302,44 @@ def test_block_prior_with_a_covariate_block_is_the_separate_fits():
         BlockPrior([600, 300], ["cash", "point_normal"], covariate_columns=[[9], None]).fit(
             x, s, torch.tensor(layout)
         )
+
+
+def test_cash_warm_starts_its_plain_mixture_on_the_current_grid():
+    """Each cash call fits the plain mixture on its grid (the start of a cold fit, and the
+    candidate a warm start must not fall behind). The weights are kept in the state and
+    seed the next call's mix-SQP, laid on that call's grid with zeros on the scales it
+    gained; the warm-started weights must still reach the optimum, checked on the mixture
+    log-likelihood computed here with scipy against a cold solve."""
+    from cebmf.priors._mixsqp import mixsqp
+    from cebmf.priors.cash import _saved_plain_weights
+
+    cov, theta, _ = simulate(seed=10)
+    rng = np.random.default_rng(11)
+    prior = get_prior("cash")
+    ct = torch.tensor(cov)
+    fits = []
+    state = None
+    for s in (1.0, 0.01):  # the grid grows below the saved scales at the second call
+        x = theta * 0.05 + s * rng.normal(size=theta.size)
+        res = prior.fit(torch.tensor(x), torch.full((1,), s, dtype=torch.float64), ct, state=state)
+        state = res.state
+        grid = np.asarray(res.g["scale"])
+        pi = np.asarray(state["plain_pi"])
+        assert pi.shape == grid.shape and pi.min() >= 0 and pi.sum() == pytest.approx(1.0)
+        lik = stats.norm.pdf(x[:, None], 0.0, np.sqrt(s**2 + grid[None, :] ** 2))
+        cold = mixsqp(torch.tensor(lik.T), None).numpy()
+
+        def objective(w, lik=lik):
+            return np.mean(np.log(lik @ w))
+
+        assert objective(pi) >= objective(cold) - 1e-10
+        fits.append((grid, pi))
+    (grid1, pi1), (grid2, _) = fits
+    assert grid2.size > grid1.size
+    rows = np.searchsorted(grid2, grid1)
+    laid = _saved_plain_weights({"plain_pi": pi1}, None, grid2, rows, "cpu").numpy()
+    np.testing.assert_array_equal(laid[rows], pi1)
+    assert np.all(np.delete(laid, rows) == 0)
+    # a user's g_init (no saved plain weights) or a grid of another size: no warm start
+    assert _saved_plain_weights({"plain_pi": pi1}, {"scale": grid1}, grid2, rows, "cpu") is None
+    assert _saved_plain_weights({"plain_pi": pi1[:-1]}, None, grid1, None, "cpu") is None

@@ -79,14 +79,18 @@ class Cash(CovariatePrior):
             "scale_t": scale_t,
             "loglik_nk": self.base._component_loglik(x, s, scale_t).T.contiguous(),
             "saved_rows": saved_rows,
+            "plain_init": _saved_plain_weights(warm, g_init, grid, saved_rows, x.device),
         }
 
     def _n_outputs(self, setup):
         return setup["scale"].size
 
     def _plain_start(self, x, s, setup):
+        # warm-started from the previous call's plain weights (the optimum is the same,
+        # mix-SQP needs fewer iterations: the demo's ~7 per call drop to ~2)
         ll = setup["loglik_nk"].T.to(torch.float64)
-        pi = mixsqp(exp_flushed(ll - ll.max(0).values), None)
+        pi = mixsqp(exp_flushed(ll - ll.max(0).values), setup["plain_init"])
+        setup["plain_pi"] = pi
         bias = torch.log(pi).clamp(min=_MIN_LOG_WEIGHT).to(x.dtype)
         return bias, {}
 
@@ -107,7 +111,10 @@ class Cash(CovariatePrior):
         }
 
     def _state_entries(self, setup):
-        return {"scale": setup["scale"]}
+        entries = {"scale": setup["scale"]}
+        if "plain_pi" in setup:
+            entries["plain_pi"] = setup["plain_pi"].cpu().numpy()
+        return entries
 
     def prior_parameters(self, g: dict, covariates) -> dict:
         """The prior of each observation: ``pi`` (n, K) weights on the grid ``scale``."""
@@ -115,3 +122,20 @@ class Cash(CovariatePrior):
             "pi": torch.softmax(self.network_outputs(g, covariates), 1).numpy(),
             "scale": np.asarray(g["scale"]),
         }
+
+
+def _saved_plain_weights(warm, g_init, grid, saved_rows, device) -> torch.Tensor | None:
+    """The plain mixture weights of the previous call (kept in its state), laid on the
+    current grid (zero on scales the grid gained); None without a usable state."""
+    if warm is None or g_init is not None or "plain_pi" not in warm:
+        return None
+    saved = np.asarray(warm["plain_pi"], dtype=np.float64)
+    if saved_rows is not None and saved.size == saved_rows.size:
+        full = np.zeros(grid.size)
+        full[saved_rows] = saved
+    elif saved_rows is None and saved.size == grid.size:
+        full = saved
+    else:
+        return None
+    return torch.as_tensor(full, dtype=torch.float64, device=device)
+
