@@ -138,4 +138,3 @@ def _saved_plain_weights(warm, g_init, grid, saved_rows, device) -> torch.Tensor
     else:
         return None
     return torch.as_tensor(full, dtype=torch.float64, device=device)
-
