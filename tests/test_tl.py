@@ -295,6 +295,26 @@ def test_bad_inputs_name_the_argument(counts):
         cebmf.tl.fit(a, mask_var=np.zeros(a.n_vars, dtype=bool), **FAST)
     with pytest.raises(ValueError, match="transform='zscore' is not a transform"):
         cebmf.tl.fit(a, transform="zscore", **FAST)
+    with pytest.raises(ValueError, match="n_factors must be a positive integer, got 0"):
+        cebmf.tl.fit(a, n_factors=0)
+    with pytest.raises(ValueError, match="size_factors has 3 entries but the matrix has 250"):
+        cebmf.tl.fit(a, size_factors=np.ones(3), **FAST)
+    with pytest.raises(ValueError, match="size_factors must be positive; 250 entries are not"):
+        cebmf.tl.fit(a, size_factors=np.zeros(a.n_obs), **FAST)
+    bad = counts.copy()
+    bad.X = bad.X.astype(np.float64)
+    bad.X.data[5] = np.nan
+    with pytest.raises(ValueError, match=r"adata\.X is sparse and stores 1 NaN/Inf value"):
+        cebmf.tl.fit(bad, **FAST)
+    bad.layers["dense"] = np.where(np.arange(a.n_vars) == 2, np.inf, bad.X.toarray())
+    with pytest.raises(ValueError, match=r"adata\.layers\['dense'\] holds 250 infinite"):
+        cebmf.tl.fit(bad, layer="dense", **FAST)
+    # NaN in a dense layer is a missing entry, not an error
+    ok = counts.copy()
+    ok.layers["dense"] = np.log1p(ok.X.toarray().astype(np.float64))
+    ok.layers["dense"][0, 0] = np.nan
+    cebmf.tl.fit(ok, layer="dense", transform=None, **FAST)
+    assert np.isfinite(ok.obsm["X_cebmf"]).all()
 
 
 def test_cli_fit_on_the_demo_output(tmp_path):

@@ -38,8 +38,14 @@ def log1p_normalize(
         raise ValueError("totals must have one entry per row.")
     if size_factors is not None:
         sf = np.asarray(size_factors, dtype=np.float64).ravel()
-        if sf.shape != totals.shape or not np.all(sf > 0):
-            raise ValueError("size_factors must be positive, one per row.")
+        if sf.shape != totals.shape:
+            raise ValueError(
+                f"size_factors has {sf.size} entries but the matrix has {totals.size} rows; "
+                "give one per row (cell)."
+            )
+        if not np.all(sf > 0):
+            bad = int(np.count_nonzero(~(sf > 0)))
+            raise ValueError(f"size_factors must be positive; {bad} entries are not.")
         totals = sf * totals.mean()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     if sp.issparse(out):

@@ -216,6 +216,8 @@ def fit(
         md = None
     if not isinstance(key_added, str) or not key_added or "/" in key_added:
         raise ValueError(f"key_added must be a non-empty string without '/', got {key_added!r}.")
+    if isinstance(n_factors, bool) or not isinstance(n_factors, int | np.integer) or n_factors < 1:
+        raise ValueError(f"n_factors must be a positive integer, got {n_factors!r}.")
     random_state = resolve_seed(random_state)  # params record the seed actually used
     if md is not None and isinstance(data, md.MuData):
         return _fit_mudata(
