@@ -304,10 +304,10 @@ def test_bad_inputs_name_the_argument(counts):
     bad = counts.copy()
     bad.X = bad.X.astype(np.float64)
     bad.X.data[5] = np.nan
-    with pytest.raises(ValueError, match=r"adata\.X is sparse and stores 1 NaN/Inf value"):
+    with pytest.raises(ValueError, match=r"adata\.X is sparse and contains 1 NaN/Inf stored value"):
         cebmf.tl.fit(bad, **FAST)
     bad.layers["dense"] = np.where(np.arange(a.n_vars) == 2, np.inf, bad.X.toarray())
-    with pytest.raises(ValueError, match=r"adata\.layers\['dense'\] holds 250 infinite"):
+    with pytest.raises(ValueError, match=r"adata\.layers\['dense'\] contains 250 infinite value"):
         cebmf.tl.fit(bad, layer="dense", **FAST)
     # NaN in a dense layer is a missing entry, not an error
     ok = counts.copy()

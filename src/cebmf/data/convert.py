@@ -44,6 +44,25 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return mapping[dtype]
 
 
+def check_values(x: Any, name: str) -> None:
+    """The stored values of a scipy sparse matrix or a numpy array: Inf is never data,
+    NaN marks a missing entry of a dense matrix only (an absent sparse entry is a zero)."""
+    if sp.issparse(x):
+        _check_sparse_values(np.asarray(x.data), name)
+        return
+    values = np.asarray(x)
+    if values.dtype.kind == "f":
+        _check_no_inf(int(np.count_nonzero(np.isinf(values))), name)
+
+
+def _check_no_inf(count: int, name: str) -> None:
+    if count:
+        raise ValueError(
+            f"{name} contains {count} infinite value(s); replace them (NaN marks a missing "
+            "entry, Inf is not allowed)."
+        )
+
+
 def _check_sparse_values(values: np.ndarray, name: str) -> None:
     if values.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be numeric, got sparse values of dtype {values.dtype}.")
@@ -108,12 +127,7 @@ def as_data_matrix(
         raise ValueError(f"{name} must be 2-dimensional, got shape {tuple(t.shape)}.")
     _check_shape(tuple(t.shape), name)
     if t.is_floating_point():  # before the conversion, which may overflow to Inf itself
-        inf = torch.isinf(t)
-        if bool(inf.any()):
-            raise ValueError(
-                f"{name} contains {int(inf.sum())} infinite value(s); replace them (NaN marks "
-                "a missing entry, Inf is not allowed)."
-            )
+        _check_no_inf(int(torch.isinf(t).sum()), name)
     # may share the caller's memory: the engine only ever reads it
     data = DenseData(t.to(device=device, dtype=dtype).contiguous())
     values = data.values  # missing entries are 0 here

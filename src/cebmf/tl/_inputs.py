@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data.convert import check_values
 from ..data.transforms import log1p_normalize
 
 logger = logging.getLogger("cebmf")
@@ -24,36 +25,14 @@ def select_matrix(adata, layer: str | None, argname: str = "layer"):
         x = adata.X
         if x is None:
             raise ValueError("adata.X is empty; pass layer= to use a layer.")
-        _check_values(x, "adata.X")
+        check_values(x, "adata.X")
         return x
     if layer not in adata.layers:
         known = ", ".join(map(repr, adata.layers)) or "none"
         raise ValueError(f"{argname}={layer!r} is not a layer of adata (layers: {known}).")
     x = adata.layers[layer]
-    _check_values(x, f"adata.layers[{layer!r}]")
+    check_values(x, f"adata.layers[{layer!r}]")
     return x
-
-
-def _check_values(x, where: str) -> None:
-    """Inf is never data; NaN marks a missing entry of a dense matrix only (a sparse
-    matrix has no missing entries: an absent entry is a zero)."""
-    values = _values(x)
-    if values.dtype.kind != "f":
-        return
-    if sp.issparse(x):
-        bad = int(np.count_nonzero(~np.isfinite(values)))
-        if bad:
-            raise ValueError(
-                f"{where} is sparse and stores {bad} NaN/Inf value(s); a sparse matrix has no "
-                "missing entries (an absent entry is a zero). Replace them, or densify with "
-                "NaN for missing entries."
-            )
-        return
-    bad = int(np.count_nonzero(np.isinf(values)))
-    if bad:
-        raise ValueError(
-            f"{where} holds {bad} infinite value(s); replace them (NaN marks a missing entry)."
-        )
 
 
 def _values(x) -> np.ndarray:
