@@ -463,7 +463,12 @@ MIX_CASES = [
     MIX_CASES,
     ids=[f"{f}-mode={m:g}-{'hetero' if h else 'homo'}" for f, m, h in MIX_CASES],
 )
-def test_mixture_fit_is_the_maximum(family, mode, hetero):
+def test_mixture_fit_is_the_maximum(family, mode, hetero, monkeypatch):
+    # small column chunks (about 12 here), so that the likelihood matrix and the posterior
+    # are assembled across chunk boundaries
+    import cebmf.priors._posterior as posterior
+
+    monkeypatch.setitem(posterior.CHUNK_ENTRIES, "cpu", 1 << 14)
     n = 5000
     _, x, s = simulate(family, n, seed=31, hetero=hetero, mode=mode)
     res = cebmf.ebnm(x, s, family, mode=mode)

@@ -281,3 +281,30 @@ def test_mixsqp_reaches_the_kkt_point_on_many_observations(presolve, monkeypatch
         em = em * (lik @ (1.0 / (em @ lik))) / n
     ll = np.log(pi @ lik).sum()
     assert ll >= np.log(em @ lik).sum() - 1e-6 * n
+
+
+@pytest.mark.parametrize("family", ["normal_scale_mixture", "nonnegative_mixture"])
+def test_mixture_posterior_when_the_fitted_weights_drop_the_only_plausible_component(
+    family, monkeypatch
+):
+    """The posterior reuses the likelihood matrix built for mix-SQP, whose entries below
+    e^-500 of their column's maximum are flushed to 0. If the weights drop the component
+    that dominates an observation (here forced: x = 1000 is plausible only under scale
+    2000, whose weight is set to 0), all its kept entries are flushed; that observation
+    must still get the exact posterior of the fitted g (closed form and quadrature)."""
+    from reference import log_marginal, posterior_quad_many
+
+    import cebmf.priors._mixture as mixture
+
+    forced = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    monkeypatch.setattr(mixture, "mixsqp", lambda lik, warm, tol: forced.to(lik.device))
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.abs(rng.normal(size=5000)), [1000.0, 2.5]])
+    s = np.ones_like(x)
+    res = cebmf.ebnm(x, s, prior=get_prior(family, scale=[0.0, 0.5, 1.0, 2000.0]))
+    np.testing.assert_array_equal(res.g["pi"], forced.numpy())
+    assert _all_finite(res)
+    assert res.loglik == pytest.approx(np.sum(log_marginal(res.g, x, s)), rel=1e-12)
+    ref = posterior_quad_many(res.g, x[-2:], s[-2:])
+    for key in ("mean", "sd", "lfsr"):
+        np.testing.assert_allclose(np.asarray(getattr(res, key))[-2:], ref[key], rtol=1e-7)

@@ -270,7 +270,7 @@ class CovariatePrior(Prior):
                 )
                 return combine(resp[used], *pieces, log_marginal=log_marginal, shift=self.mode)
 
-            post = chunked(part, n, log_w.shape[0])
+            post = chunked(part, n, log_w.shape[0], x.device)
         g = {"family": self.name, "mode": self.mode}
         g.update(self._g_entries(out.detach(), extra, setup))
         g["network"] = net_to_numpy(net)

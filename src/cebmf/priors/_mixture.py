@@ -17,7 +17,7 @@ import torch
 from .._math import exp_flushed
 from ._grids import merge_grids
 from ._mixsqp import mixsqp
-from ._posterior import chunked, combine
+from ._posterior import chunked, column_chunks, combine
 from .base import EBNMResult, Prior
 
 
@@ -70,37 +70,55 @@ class MixturePrior(Prior):
             )
         return self._fresh_grid(xs, s), None
 
+    def _likelihood(self, xs, s, scale_t) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, m)``: the (K, n) float64 matrix A = exp(log L - m) of component
+        likelihoods over their column maxima m (entries below e^-500 flushed to 0), built
+        in column chunks so that no other (K, n) array is formed."""
+        k, n = scale_t.shape[0], xs.numel()
+        lik = torch.empty((k, n), dtype=torch.float64, device=xs.device)
+        colmax = torch.empty(n, dtype=torch.float64, device=xs.device)
+        for i, j in column_chunks(n, k, xs.device):
+            log_lik = self._component_loglik(xs[i:j], _rows(s, i, j), scale_t).to(torch.float64)
+            colmax[i:j] = log_lik.max(dim=0).values
+            lik[:, i:j] = exp_flushed(log_lik.sub_(colmax[i:j]))
+        return lik, colmax
+
     def _fit(self, x, s, *, covariates=None, state, g_init, fix_g) -> EBNMResult:
         xs = x - self.mode if self.mode != 0.0 else x
         scales, pi_start = self._grid_and_start(xs, s, state, g_init)
         dev, dt = x.device, x.dtype
         scale_t = torch.as_tensor(scales, dtype=dt, device=dev)[:, None]
+        lik = colmax = None
         if fix_g:
             pi = torch.as_tensor(pi_start, dtype=torch.float64, device=dev)
         else:
-            # A = exp(log L - column max) in float64 for the solver
-            log_lik = self._component_loglik(xs, s, scale_t).to(torch.float64)
-            lik = exp_flushed(log_lik.sub_(log_lik.max(dim=0).values))
-            del log_lik
+            lik, colmax = self._likelihood(xs, s, scale_t)
             warm = None if pi_start is None else torch.as_tensor(pi_start, device=dev)
             pi = mixsqp(lik, warm, tol=self.tol)
-            del lik
         c = -self.mode
-        s_full = s.expand_as(x)
         # components without weight have no responsibility: leave them out, and normalise
         # over the kept ones only (a dropped component may dominate the likelihood)
         used = torch.nonzero(pi > 0).ravel()
         log_pi_used, scale_used = torch.log(pi[used]).to(dt), scale_t[used]
 
         def part(i: int, j: int):
-            xi, si = xs[i:j], s_full[i:j]
-            log_w = self._component_loglik(xi, si, scale_used) + log_pi_used[:, None]
+            xi, si = xs[i:j], _rows(s, i, j)
+            log_w = None
+            if lik is not None:
+                # log L from the likelihood matrix (no second pass over the densities);
+                # a column whose used components were all flushed is recomputed
+                log_w = (torch.log(lik[:, i:j].index_select(0, used)) + colmax[i:j]).to(dt)
+                if not bool(torch.isfinite(log_w.max(dim=0).values).all()):
+                    log_w = None
+            if log_w is None:
+                log_w = self._component_loglik(xi, si, scale_used)
+            log_w = log_w + log_pi_used[:, None]
             log_marginal = torch.logsumexp(log_w, dim=0)
             resp = exp_flushed(log_w - log_marginal)
-            comp = self._component_posterior(xi, si, scale_used, c)
+            comp = self._component_posterior(xi, si.expand_as(xi), scale_used, c)
             return combine(resp, *comp, log_marginal=log_marginal, shift=self.mode)
 
-        post = chunked(part, x.numel(), scale_used.numel())
+        post = chunked(part, x.numel(), scale_used.numel(), dev)
         pi_np = pi.cpu().numpy()
         g: dict[str, Any] = {
             "family": self.name,
@@ -110,3 +128,8 @@ class MixturePrior(Prior):
             "scale": np.asarray(scales, dtype=np.float64),
         }
         return EBNMResult.from_posterior(post, g, {"scale": g["scale"], "pi": pi_np})
+
+
+def _rows(s: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """Entries i:j of the standard errors, which may be one value shared by all."""
+    return s if s.numel() == 1 else s[i:j]

@@ -81,13 +81,28 @@ def summarize(parts: list[tuple], shift: float = 0.0) -> PosteriorSummary:
     return PosteriorSummary(m, m * m + v, torch.sqrt(v), lfsr, log_marginal)
 
 
-def chunked(fn: Callable[[int, int], PosteriorSummary], n: int, k: int, budget: int = 1 << 23):
-    """Run ``fn(start, stop)`` over column chunks so that (K, chunk) temporaries stay below
-    ``budget`` entries, and concatenate the summaries."""
+#: Entries of each (K, chunk) temporary: small on CPU, where chunks that fit in cache run
+#: faster and keep the peak low (a (68, 1e6) scale-mixture fit: 3.0 s and 0.75 GiB at 2^18,
+#: 5.0 s and 2.0 GiB in one piece); large on GPUs, where each chunk costs kernel launches.
+CHUNK_ENTRIES = {"cpu": 1 << 18, "cuda": 1 << 23}
+
+
+def column_chunks(n: int, k: int, device: torch.device | str = "cpu") -> list[tuple[int, int]]:
+    """``(start, stop)`` column ranges of (K, n) work whose (K, chunk) temporaries stay
+    below ``CHUNK_ENTRIES`` entries for the device's type."""
+    budget = CHUNK_ENTRIES.get(torch.device(device).type, CHUNK_ENTRIES["cuda"])
     step = max(1, budget // max(k, 1))
-    if step >= n:
+    return [(i, min(i + step, n)) for i in range(0, n, step)] or [(0, 0)]
+
+
+def chunked(
+    fn: Callable[[int, int], PosteriorSummary], n: int, k: int, device: torch.device | str = "cpu"
+) -> PosteriorSummary:
+    """Run ``fn(start, stop)`` over :func:`column_chunks` and concatenate the summaries."""
+    ranges = column_chunks(n, k, device)
+    if len(ranges) == 1:
         return fn(0, n)
-    parts = [fn(i, min(i + step, n)) for i in range(0, n, step)]
+    parts = [fn(i, j) for i, j in ranges]
     return PosteriorSummary(
         *(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PosteriorSummary))
     )
