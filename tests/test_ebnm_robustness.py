@@ -308,3 +308,29 @@ def test_mixture_posterior_when_the_fitted_weights_drop_the_only_plausible_compo
     ref = posterior_quad_many(res.g, x[-2:], s[-2:])
     for key in ("mean", "sd", "lfsr"):
         np.testing.assert_allclose(np.asarray(getattr(res, key))[-2:], ref[key], rtol=1e-7)
+
+
+def test_mixsqp_recovers_from_a_warm_start_that_rules_out_an_observation():
+    """A warm start with all its weight on the point mass gives x = 40 (s = 1) zero
+    likelihood (e^-800, flushed); mix-SQP must still reach the optimum, checked by its
+    optimality conditions in numpy and against EM."""
+    import cebmf.priors._mixsqp as ms
+
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal(size=3000), [40.0]])
+    scales = np.array([0.0, 1.0, 5.0, 50.0])
+    sd = np.sqrt(1.0 + scales[:, None] ** 2)
+    log_lik = -0.5 * (x / sd) ** 2 - np.log(sd)
+    lik = np.exp(log_lik - log_lik.max(0))
+    lik[log_lik - log_lik.max(0) < -500] = 0.0
+    assert lik[0, -1] == 0.0
+    warm = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    pi = ms.mixsqp(torch.tensor(lik), warm, tol=1e-10).numpy()
+    n = x.size
+    grad = lik @ (1.0 / (pi @ lik)) / n
+    assert grad.max() <= 1.0 + 1e-8
+    np.testing.assert_allclose(grad[pi > 1e-6], 1.0, atol=1e-6)
+    em = np.full(scales.size, 0.25)
+    for _ in range(3000):
+        em = em * (lik @ (1.0 / (em @ lik))) / n
+    assert np.log(pi @ lik).sum() >= np.log(em @ lik).sum() - 1e-8 * n

@@ -103,10 +103,11 @@ def mixsqp(
     else:
         w = pi_init.to(lik.dtype).clamp(min=0.0)
         w = w / w.sum()
-        if not bool((w @ lik > 0).all()):
-            # the warm start gives zero likelihood to some observation: mix in uniform
-            w = 0.5 * w + 0.5 / k
     u = w @ lik
+    if not bool((u > 0).all()):
+        # the warm start gives zero likelihood to some observation: mix in uniform
+        w = 0.5 * w + 0.5 / k
+        u = w @ lik
     obj = -torch.log(u).mean().item() + 1.0
     for _ in range(max_iter):
         inv_u = 1.0 / u
