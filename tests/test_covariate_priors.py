@@ -1,6 +1,7 @@
 """Covariate-moderated priors: exact posteriors per observation, warm starts, no loss
 against the matching plain prior, bad input. References are numerical integrations."""
 
+import itertools
 import math
 
 import numpy as np
@@ -343,3 +344,45 @@ def test_cash_warm_starts_its_plain_mixture_on_the_current_grid():
     # a user's g_init (no saved plain weights) or a grid of another size: no warm start
     assert _saved_plain_weights({"plain_pi": pi1}, {"scale": grid1}, grid2, rows, "cpu") is None
     assert _saved_plain_weights({"plain_pi": pi1[:-1]}, None, grid1, None, "cpu") is None
+
+
+def test_row_logsumexp_and_its_gradient_match_scipy():
+    """The training loss's row log-sum-exp (value and gradient = softmax) against scipy,
+    with -inf entries and entries of very different sizes."""
+    from cebmf._math import logsumexp_rows
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(scale=30.0, size=(200, 9))
+    a[:, 0] = -np.inf
+    a[5] = [-np.inf] * 8 + [1e6]
+    a[6, 3] = -1e300
+    t = torch.tensor(a, requires_grad=True)
+    w = torch.tensor(rng.normal(size=200))
+    value = logsumexp_rows(t)
+    np.testing.assert_allclose(value.detach().numpy(), special.logsumexp(a, axis=1), rtol=1e-14)
+    (value * w).sum().backward()
+    grad = special.softmax(a, axis=1) * w.numpy()[:, None]
+    np.testing.assert_allclose(t.grad.numpy(), grad, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("family", ["cash", "emdn", "cgb"])
+def test_fit_leaves_the_global_random_state_alone_and_starts_from_torchs_default(family):
+    """The network starts from PyTorch's default nn.Linear initialisation seeded with
+    ``seed`` (rebuilt here by torch.manual_seed + nn.Linear), drawn from a private
+    generator: the global random state is the same before and after a fit."""
+    cov, _, x = simulate(n=300, d=2, nonneg=family == "cgb")
+    prior = get_prior(family, seed=7)
+    net = prior._build(2, 5, torch.float64, torch.device("cpu"))
+    torch.manual_seed(7)
+    sizes = [2, *prior.hidden]
+    ref = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+    ref.append(torch.nn.Linear(sizes[-1], 5))
+    built = [*net.hidden, net.out]
+    assert len(built) == len(ref)
+    for layer, want in zip(built, ref, strict=True):
+        torch.testing.assert_close(layer.weight, want.weight.double(), rtol=0, atol=0)
+        torch.testing.assert_close(layer.bias, want.bias.double(), rtol=0, atol=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    prior.fit(torch.tensor(x), torch.ones(1, dtype=torch.float64), covariates=torch.tensor(cov))
+    assert torch.equal(torch.get_rng_state(), before)

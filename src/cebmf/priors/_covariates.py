@@ -15,7 +15,6 @@ call never lowers the log-likelihood of its starting point.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._math import exp_flushed
+from .._math import exp_flushed, logsumexp_rows
 from ._posterior import chunked, combine
 from .base import EBNMResult, Prior
 
@@ -37,16 +36,44 @@ logger = logging.getLogger("cebmf")
 class CovariateNet(nn.Module):
     """MLP: d covariates -> ``hidden`` tanh layers -> ``out`` outputs (linear if none)."""
 
-    def __init__(self, d: int, hidden: tuple[int, ...], out: int) -> None:
+    def __init__(
+        self, d: int, hidden: tuple[int, ...], out: int, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         sizes = [d, *hidden]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
-        self.out = nn.Linear(sizes[-1], out)
+        self.hidden = nn.ModuleList(_linear(a, b, generator) for a, b in itertools.pairwise(sizes))
+        self.out = _linear(sizes[-1], out, generator)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for layer in self.hidden:
             z = torch.tanh(layer(z))
         return self.out(z)
+
+
+def _linear(d_in: int, d_out: int, generator: torch.Generator | None) -> nn.Linear:
+    """``nn.Linear`` with PyTorch's default initialisation, weights and bias drawn from
+    U(-1/sqrt(d_in), 1/sqrt(d_in)) (zeros when d_in = 0), taken from ``generator`` so that
+    the global random state is left alone; None leaves the values uninitialised (for a
+    network about to be loaded)."""
+    with warnings.catch_warnings():
+        # d_in = 0 (no covariate left): a bias-only model with zero-input layers
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        layer = nn.utils.skip_init(nn.Linear, d_in, d_out)
+    if generator is not None:
+        bound = 1.0 / math.sqrt(d_in) if d_in > 0 else 0.0
+        with torch.no_grad():
+            for p in (layer.weight, layer.bias):
+                p.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
+def _copy_network(net: CovariateNet, dtype: torch.dtype) -> CovariateNet:
+    """A copy of ``net`` with parameters of type ``dtype``, on the same device."""
+    first = net.hidden[0] if len(net.hidden) else net.out
+    widths = tuple(layer.out_features for layer in net.hidden)
+    copy = CovariateNet(first.in_features, widths, net.out.out_features)
+    copy.load_state_dict({k: v.to(dtype) for k, v in net.state_dict().items()})
+    return copy.to(first.weight.device)
 
 
 def standardize(cov: torch.Tensor, stats: dict | None = None):
@@ -203,15 +230,8 @@ class CovariatePrior(Prior):
 
     # ---- fitting --------------------------------------------------------------------
     def _build(self, d: int, k: int, dtype, device) -> CovariateNet:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
-            with warnings.catch_warnings():
-                # no covariate left (all constant): a bias-only model, zero-input layers
-                warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-                net = CovariateNet(d, self.hidden, k)
-        finally:
-            torch.random.set_rng_state(gen_state)
+        """A fresh network, initialised from ``seed`` (the global random state untouched)."""
+        net = CovariateNet(d, self.hidden, k, torch.Generator().manual_seed(self.seed))
         return net.to(device=device, dtype=dtype)
 
     def _fit(self, x, s, *, covariates, state, g_init, fix_g) -> EBNMResult:
@@ -360,7 +380,7 @@ class CovariatePrior(Prior):
         work_net, work_extra = net, extra
         wz, wx, ws, wsetup = z, x, s, setup
         if x.dtype == torch.float64:
-            work_net = copy.deepcopy(net).float()
+            work_net = _copy_network(net, torch.float32)
             work_extra = {k: v.detach().float() for k, v in extra.items()}
             wz, wx, ws = z.float(), x.float(), s.float()
             wsetup = {
@@ -377,7 +397,7 @@ class CovariatePrior(Prior):
         def closure():
             opt.zero_grad()
             log_w = self._log_weights(work_net(wz), work_extra, wx, ws, wsetup)
-            loglik = torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64)
+            loglik = logsumexp_rows(log_w).sum(dtype=torch.float64)
             value = float(loglik.detach())
             if math.isfinite(value) and value > best["loglik"]:
                 best["loglik"], best["state"] = value, _snapshot(work_net, work_extra)
