@@ -334,3 +334,62 @@ def test_mixsqp_recovers_from_a_warm_start_that_rules_out_an_observation():
     for _ in range(3000):
         em = em * (lik @ (1.0 / (em @ lik))) / n
     assert np.log(pi @ lik).sum() >= np.log(em @ lik).sum() - 1e-8 * n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("dtype", "c"),
+    [
+        (torch.float64, 1e-100),
+        (torch.float64, 1e100),
+        (torch.float32, 1e-12),
+        (torch.float32, 1e12),
+    ],
+)
+def test_common_rescaling_is_exact_up_to_the_representable_range(family, dtype, c):
+    """x_i ~ N(theta_i, s_i^2) is equivariant under (x, s, theta) -> (c x, c s, c theta):
+    the posterior means and sds multiply by c, the lfsr is unchanged and the
+    log-likelihood moves by exactly -n log c (the density's Jacobian; the improper flat
+    prior's log-likelihood is a constant by convention). Checked near the edges of the
+    range ebnm accepts (|x| up to 1e3 c here), up to the solvers' optimisation tolerance
+    (the likelihood is flat near its optimum, so g may move by ~1e-4 within it)."""
+    rng = np.random.default_rng(11)
+    n = 400
+    theta = np.where(rng.random(n) < 0.7, 0.0, rng.normal(0, 3, n))
+    if family in NONNEG:
+        theta = np.abs(theta)
+    s = rng.uniform(0.5, 2.0, n)
+    x = theta + s * rng.normal(size=n)
+    x[:2] = [1e3, -1e3] if family not in NONNEG else [1e3, 0.0]
+    unit = cebmf.ebnm(torch.tensor(x, dtype=dtype), torch.tensor(s, dtype=dtype), family)
+    big = cebmf.ebnm(torch.tensor(c * x, dtype=dtype), torch.tensor(c * s, dtype=dtype), family)
+    f64 = dtype == torch.float64
+    shift = 0.0 if family == "flat" else -n * math.log(c)
+    # float32 terms carry ~1e-7 relative error each, of size |log c| here
+    tol = 1e-6 * n if f64 else 1e-3 * n + 1e-5 * abs(shift)
+    assert abs(big.loglik - (unit.loglik + shift)) <= tol
+    for key in ("mean", "sd"):
+        np.testing.assert_allclose(
+            getattr(big, key).double().numpy() / c,
+            getattr(unit, key).double().numpy(),
+            rtol=1e-3,
+            atol=1e-3 * float(unit.sd.max()),
+        )
+    np.testing.assert_allclose(big.lfsr.double().numpy(), unit.lfsr.double().numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("x", "s", "dtype", "match"),
+    [
+        (1e140, 1.0, torch.float64, r"x's largest absolute value is 1e\+140"),
+        (1.0, 1e140, torch.float64, r"s's largest value is 1e\+140"),
+        (1.0, 1e-140, torch.float64, r"s's smallest value is 1e-140"),
+        (1e18, 1.0, torch.float32, r"x's largest .* or compute in float64"),
+        (1.0, 1e-20, torch.float32, r"s's smallest value .* or compute in float64"),
+    ],
+)
+def test_ebnm_refuses_magnitudes_its_arithmetic_cannot_hold(x, s, dtype, match):
+    xs = torch.tensor([x, 0.5 * x, 0.0], dtype=dtype)
+    with pytest.raises(ValueError, match=match) as err:
+        cebmf.ebnm(xs, torch.full((3,), s, dtype=dtype), "point_normal")
+    assert "rescale x and s together" in str(err.value)

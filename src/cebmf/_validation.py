@@ -71,6 +71,31 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
+def representable_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``[tiny^0.45, max^0.45]`` of ``dtype`` (float64: about 3.6e-139 to 5.2e138; float32:
+    8.5e-18 to 2.2e17): magnitudes whose squares and pairwise products neither overflow
+    nor sink to subnormals, with room for the constants the solvers multiply them by."""
+    info = torch.finfo(dtype)
+    return info.tiny**0.45, info.max**0.45
+
+
+def check_magnitude(value: float, dtype: torch.dtype, what: str, fix: str) -> None:
+    """A clear error when ``value`` (a largest or smallest magnitude, described by ``what``)
+    lies outside :func:`representable_range`; ``fix`` says what to do about it."""
+    lo, hi = representable_range(dtype)
+    if lo <= value <= hi:
+        return
+    wide_lo, wide_hi = representable_range(torch.float64)
+    hint = ""
+    if dtype != torch.float64 and wide_lo <= value <= wide_hi:
+        hint = ", or compute in float64 (dtype='float64')"
+    raise ValueError(
+        f"{what} is {value:.3g}, outside [{lo:.1e}, {hi:.1e}], the range that "
+        f"{str(dtype).removeprefix('torch.')} arithmetic handles (squares of the values would "
+        f"overflow or underflow); {fix}{hint}."
+    )
+
+
 def observations_and_se(x: Any, s: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Validate EBNM inputs: ``x`` 1-D finite, ``s`` a positive scalar or 1-D of x's length.
 
@@ -100,4 +125,14 @@ def observations_and_se(x: Any, s: Any) -> tuple[torch.Tensor, torch.Tensor, boo
             f"s must be strictly positive; {n_bad} value(s) are <= 0. Standard errors of 0 "
             "are not allowed: drop those observations or give them a small positive s."
         )
+    x_max, s_min, s_max = torch.stack([xt.abs().max(), st.min(), st.max()]).double().tolist()
+    together = (
+        "rescale x and s together: with both divided by c, the posterior means, sds and the "
+        "prior's scales come out divided by c and the log-likelihood raised by n log c"
+    )
+    if x_max > 0:
+        check_magnitude(x_max, xt.dtype, "x's largest absolute value", together)
+    too_big = s_max > representable_range(xt.dtype)[1]
+    which = "s's largest value" if too_big else "s's smallest value"
+    check_magnitude(s_max if too_big else s_min, xt.dtype, which, together)
     return xt, st, was_numpy

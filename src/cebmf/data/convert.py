@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._validation import check_magnitude
 from .matrix import DataMatrix, DenseData, SparseData
 
 
@@ -153,24 +154,15 @@ def _as_numeric_array(y: Any, name: str) -> np.ndarray:
 
 def _check_scale(largest: float, dtype: torch.dtype, name: str) -> None:
     """The engine squares values and variances of their size: the largest absolute value
-    must lie in [tiny^0.45, max^0.45] of the compute dtype (float64: about 1e-138 to 1e138;
-    float32: about 8e-18 to 2e17), where squares neither overflow nor sink to subnormals.
+    must lie in :func:`~cebmf._validation.representable_range` of the compute dtype.
     An all-zero matrix passes here (the fit refuses it with its own message)."""
     if largest == 0:
         return
-    info = torch.finfo(dtype)
-    lo, hi = info.tiny**0.45, info.max**0.45
-    if lo <= largest <= hi:
-        return
-    wide = torch.finfo(torch.float64)
-    hint = ""
-    if dtype != torch.float64 and wide.tiny**0.45 <= largest <= wide.max**0.45:
-        hint = ", or compute in float64 (dtype='float64')"
-    raise ValueError(
-        f"{name}'s largest absolute value is {largest:.3g}, outside [{lo:.1e}, {hi:.1e}], the "
-        f"range that {str(dtype).removeprefix('torch.')} arithmetic handles (squares of the "
-        f"values would overflow or underflow); rescale {name}, e.g. divide it by "
-        f"{largest:.3g}{hint}."
+    check_magnitude(
+        largest,
+        dtype,
+        f"{name}'s largest absolute value",
+        f"rescale {name}, e.g. divide it by {largest:.3g}",
     )
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._math import exp_flushed, logsumexp_rows
-from ._posterior import chunked, combine
+from ._posterior import PosteriorSummary, chunked, combine
 from .base import EBNMResult, Prior
 
 logger = logging.getLogger("cebmf")
@@ -160,6 +160,13 @@ class CovariatePrior(Prior):
     """
 
     uses_covariates = True
+    #: Fit on (x - mode) / u and s / u for a data scale u (kept in ``g["unit"]`` and the
+    #: state, so that warm starts keep the network's units): families whose network or
+    #: global parameters carry the data's units (means, sds) are then equivariant under a
+    #: common rescaling of x and s, and their optimiser sees O(1) parameters. A family
+    #: whose parameters are all unit-free (``cash``: logits on a data-scaled grid) sets
+    #: this False.
+    normalise_units: bool = True
 
     def __init__(
         self,
@@ -213,7 +220,9 @@ class CovariatePrior(Prior):
 
     @abstractmethod
     def _log_weights(self, out: torch.Tensor, extra: dict, x, s, setup: dict) -> torch.Tensor:
-        """(n, K) log prior weight + log marginal of each piece, from network outputs."""
+        """(n, K) log prior weight + log marginal of each piece, from network outputs, less
+        a per-observation constant ``setup["offset_nk"]`` where the family keeps one (added
+        back to every likelihood; the training loss does without it)."""
 
     @abstractmethod
     def _posterior_pieces(self, out, extra, x, s, setup, c: float, used) -> tuple:
@@ -228,6 +237,27 @@ class CovariatePrior(Prior):
         """Global (non-network) parameters, as tensors to optimise."""
         return {}
 
+    def _g_to_data_units(self, g: dict[str, Any], unit: float) -> dict[str, Any]:
+        """The entries of a fitted ``g`` that carry units, from the fit's internal units
+        (data / ``unit``) to the data's (``g`` is modified and returned)."""
+        return g
+
+    def _g_from_data_units(self, g: dict[str, Any], unit: float) -> dict[str, Any]:
+        """Inverse of :meth:`_g_to_data_units`, on a copy (for ``g_init``)."""
+        return g
+
+    @staticmethod
+    def _unit(xs: torch.Tensor, s: torch.Tensor, warm: dict | None) -> float:
+        """The data scale u of this call: the warm start's (its network works in those
+        units), else the root mean square of x - mode (of s when x is all zero)."""
+        if warm is not None and "unit" in warm:
+            return float(np.asarray(warm["unit"]))
+        if warm is not None and "network" in warm:
+            return 1.0  # a network fitted before units were kept: it works in the data's
+        rms = torch.stack([(xs * xs).mean(dtype=torch.float64), (s * s).mean(dtype=torch.float64)])
+        mx, ms = rms.sqrt().tolist()
+        return mx if mx > 0 else ms
+
     # ---- fitting --------------------------------------------------------------------
     def _build(self, d: int, k: int, dtype, device) -> CovariateNet:
         """A fresh network, initialised from ``seed`` (the global random state untouched)."""
@@ -237,6 +267,13 @@ class CovariatePrior(Prior):
     def _fit(self, x, s, *, covariates, state, g_init, fix_g) -> EBNMResult:
         cov = covariates
         xs = x - self.mode if self.mode != 0.0 else x
+        unit = 1.0
+        if self.normalise_units:
+            if g_init is not None and "unit" in g_init:
+                g_init = self._g_from_data_units(dict(g_init), float(np.asarray(g_init["unit"])))
+            unit = self._unit(xs, s, g_init if g_init is not None else state)
+            if unit != 1.0:
+                xs, s = xs / unit, s / unit
         warm = g_init if g_init is not None else state
         saved = None if warm is None else warm.get("covariate_stats")
         if saved is not None and np.asarray(saved["keep"]).size != cov.shape[1]:
@@ -275,7 +312,7 @@ class CovariatePrior(Prior):
         with torch.no_grad():
             out = net(z)
             log_w = self._log_weights(out, extra, xs, s, setup).T
-            c = -self.mode
+            c = -self.mode / unit
             s_full = s.expand_as(x)
             n = x.numel()
 
@@ -283,12 +320,22 @@ class CovariatePrior(Prior):
                 lw = log_w[:, i:j]
                 log_marginal = torch.logsumexp(lw, dim=0)
                 resp = exp_flushed(lw - log_marginal)
+                if "offset_nk" in setup:
+                    log_marginal = log_marginal + setup["offset_nk"][i:j]
                 # pieces nobody is responsible for (resp < 1e-15 everywhere) are dropped
                 used = torch.nonzero(resp.max(dim=1).values > 1e-15).ravel()
                 pieces = self._posterior_pieces(
                     out[i:j], extra, xs[i:j], s_full[i:j], _slice_setup(setup, i, j), c, used
                 )
-                return combine(resp[used], *pieces, log_marginal=log_marginal, shift=self.mode)
+                if unit == 1.0:
+                    return combine(resp[used], *pieces, log_marginal=log_marginal, shift=self.mode)
+                # back to the data's units: theta = mode + unit * theta'
+                post = combine(resp[used], *pieces, log_marginal=log_marginal)
+                mean = self.mode + unit * post.mean
+                sd = unit * post.sd
+                return PosteriorSummary(
+                    mean, mean * mean + sd * sd, sd, post.lfsr, log_marginal - math.log(unit)
+                )
 
             post = chunked(part, n, log_w.shape[0], x.device)
         g = {"family": self.name, "mode": self.mode}
@@ -299,6 +346,9 @@ class CovariatePrior(Prior):
         g["hidden"] = np.asarray(self.hidden, dtype=np.int64)
         state_out = {k: g[k] for k in ("network", "extra", "covariate_stats")}
         state_out.update(self._state_entries(setup))
+        if self.normalise_units:
+            g = self._g_to_data_units(g, unit)
+            g["unit"] = state_out["unit"] = unit
         return EBNMResult.from_posterior(post, g, state_out)
 
     def _state_entries(self, setup: dict) -> dict:
@@ -364,7 +414,10 @@ class CovariatePrior(Prior):
         """Exact log-likelihood (summed in float64) of the prior with network outputs
         ``out``."""
         log_w = self._log_weights(out, extra, x, s, setup)
-        return float(torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64))
+        total = torch.logsumexp(log_w, dim=1).sum(dtype=torch.float64)
+        if "offset_nk" in setup:
+            total = total + setup["offset_nk"].sum(dtype=torch.float64)
+        return float(total)
 
     def _exact_loglik(self, net, extra, z, x, s, setup) -> float:
         with torch.no_grad():

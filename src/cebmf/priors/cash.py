@@ -41,6 +41,7 @@ class Cash(CovariatePrior):
     """
 
     name = "cash"
+    normalise_units = False  # logits on a data-scaled grid: already unit-free
 
     def __init__(
         self,
@@ -74,10 +75,16 @@ class Cash(CovariatePrior):
         else:
             grid = self.base._fresh_grid(x, s)
         scale_t = torch.as_tensor(grid, dtype=x.dtype, device=x.device)[:, None]
+        # each row less its maximum (added back to the likelihoods by the base class): the
+        # float32 training then sees differences of O(1) instead of values whose size
+        # (-log s, -x^2 / 2 s^2) costs them their last digits
+        loglik = self.base._component_loglik(x, s, scale_t).T
+        offset = loglik.max(dim=1).values
         return {
             "scale": grid,
             "scale_t": scale_t,
-            "loglik_nk": self.base._component_loglik(x, s, scale_t).T.contiguous(),
+            "loglik_nk": (loglik - offset[:, None]).contiguous(),
+            "offset_nk": offset,
             "saved_rows": saved_rows,
             "plain_init": _saved_plain_weights(warm, g_init, grid, saved_rows, x.device),
         }

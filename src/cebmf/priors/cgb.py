@@ -112,6 +112,17 @@ class Cgb(CovariatePrior):
             "nonnegative": self.nonnegative,
         }
 
+    def _g_to_data_units(self, g, unit):
+        g["mu"] = g["mu"] * unit
+        g["scale"] = g["scale"] * unit
+        return g
+
+    def _g_from_data_units(self, g, unit):
+        g = dict(g)
+        g["mu"] = float(g["mu"]) / unit
+        g["scale"] = float(g["scale"]) / unit
+        return g
+
     def prior_parameters(self, g: dict, covariates) -> dict:
         """The prior of each observation: ``pi0`` (n,), and the global ``mu``, ``scale``."""
         a = self.network_outputs(g, covariates)[:, 0].clamp(-_LOGIT_BOUND, _LOGIT_BOUND)

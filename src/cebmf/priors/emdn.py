@@ -126,17 +126,31 @@ class Emdn(CovariatePrior):
             entries["pi0"] = pi[:, 0].cpu().numpy()
         return entries
 
+    def _g_to_data_units(self, g, unit):
+        g["mu_mean"] = g["mu_mean"] * unit
+        g["sd_mean"] = g["sd_mean"] * unit
+        g["log_sd_bounds"] = g["log_sd_bounds"] + math.log(unit)
+        return g
+
+    def _g_from_data_units(self, g, unit):
+        g = dict(g)
+        g["mu_mean"] = np.asarray(g["mu_mean"]) / unit
+        g["sd_mean"] = np.asarray(g["sd_mean"]) / unit
+        g["log_sd_bounds"] = np.asarray(g["log_sd_bounds"], dtype=np.float64) - math.log(unit)
+        return g
+
     def prior_parameters(self, g: dict, covariates) -> dict:
         """The prior of each observation: ``pi`` (n, K) weights of normals with means ``mu``
         and sds ``sd`` (n, K); for ``spiked_emdn`` the first column of ``pi`` is the point
         mass at zero."""
         out = self.network_outputs(g, covariates)
-        lo, hi = (float(v) for v in g["log_sd_bounds"])
+        unit = float(np.asarray(g.get("unit", 1.0)))
+        lo, hi = (float(v) - math.log(unit) for v in g["log_sd_bounds"])
         logits, mu, log_sd = self._split(out, {"log_sd_lo": lo, "log_sd_hi": hi})
         return {
             "pi": torch.softmax(logits, 1).numpy(),
-            "mu": mu.numpy(),
-            "sd": torch.exp(log_sd).numpy(),
+            "mu": mu.numpy() * unit,
+            "sd": torch.exp(log_sd).numpy() * unit,
         }
 
 

@@ -47,12 +47,16 @@ class GeneralizedBinary(SpikeSlabPrior):
         )
 
     def _moments(self, x, s, eta):
+        # weights q = sigma^2 / V and 1 - q = s^2 / V, formed as ratios: products such as
+        # x sigma^2 or sigma^2 s^2 are cubes and fourth powers of the data's scale, which
+        # overflow (or underflow) long before V does
         mu = exp_any(eta)
         sigma2 = (self.ratio * mu) ** 2
         s2 = s * s
         tot = sigma2 + s2
-        post_mean = (x * sigma2 + mu * s2) / tot
-        post_sd = torch.sqrt(sigma2 * s2 / tot)
+        q, w = sigma2 / tot, s2 / tot
+        post_mean = x * q + mu * w
+        post_sd = self.ratio * mu * torch.sqrt(w)
         return mu, tot, post_mean, post_sd
 
     def _slab_loglik(self, x, s, eta):
