@@ -414,3 +414,44 @@ def test_common_rescaling_is_exact(family, c):
     # the rescaled fit's g, given back, is the same prior on the rescaled data
     again = cebmf.ebnm(c * x, c * s, family, covariates=cov, g_init=big.g, fix_g=True)
     assert again.loglik == pytest.approx(big.loglik, rel=1e-12)
+
+
+def test_covariates_in_any_units_sparse_or_named():
+    """Standardisation is the same in any units (columns of size 1e-300 or 1e300 vary as
+    much as at size 1: kept, same z; a constant or all-zero column is dropped); sparse
+    covariates are the dense ones; non-numeric DataFrame columns, 3-D arrays and float32
+    overflow get errors that name the argument and the fix."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cebmf.priors._covariates import standardize
+
+    rng = np.random.default_rng(12)
+    cov = rng.normal(size=(80, 3))
+    want = (cov - cov.mean(0)) / cov.std(0)
+    for c in (1e-300, 1.0, 1e300):
+        z, stats = standardize(torch.tensor(cov * c))
+        assert stats["keep"].all()
+        np.testing.assert_allclose(z.numpy(), want, rtol=1e-12, atol=1e-12)
+    _, stats = standardize(torch.tensor(np.c_[np.full(80, 5.0), np.zeros(80), cov[:, 0]]))
+    assert stats["keep"].tolist() == [False, False, True]
+
+    y = np.outer(rng.normal(size=80), rng.normal(size=25)) * 2 + rng.normal(size=(80, 25))
+    onehot = (rng.random((80, 4)) < 0.3).astype(float)
+    dense = cebmf.fit_ebmf(y, max_factors=2, prior_loadings="cgb", X_l=onehot)
+    sparse = cebmf.fit_ebmf(y, max_factors=2, prior_loadings="cgb", X_l=sp.csr_matrix(onehot))
+    assert sparse.elbo == dense.elbo
+    one = cebmf.ebnm(y[:, 0], 1.0, "cash", covariates=sp.csc_matrix(onehot))
+    assert one.loglik == cebmf.ebnm(y[:, 0], 1.0, "cash", covariates=onehot).loglik
+    frame = pd.DataFrame({"x": cov[:, 0], "batch": pd.Categorical(["a", "b"] * 40)})
+    with pytest.raises(
+        TypeError, match=r"X_l has non-numeric column\(s\) \['batch'\].*get_dummies"
+    ):
+        cebmf.fit_ebmf(y, prior_loadings="cash", X_l=frame)
+    with pytest.raises(ValueError, match=r"X_f must be 1-D or 2-D"):
+        cebmf.fit_ebmf(y, prior_factors="cash", X_f=np.zeros((25, 2, 1)))
+    big = f"{np.abs(cov * 1e300).max():.3g}".replace("+", r"\+")
+    with pytest.raises(
+        ValueError, match=rf"X_l's largest absolute value, {big}, overflows float32"
+    ):
+        cebmf.fit_ebmf(y, prior_loadings="cash", X_l=cov * 1e300, dtype="float32")

@@ -82,14 +82,21 @@ def standardize(cov: torch.Tensor, stats: dict | None = None):
     Returns ``(z, stats)`` with stats = {"mean", "sd", "keep"} (numpy) for reuse.
     """
     if stats is None:
+        # moments of each column over its largest magnitude (squares of covariates near
+        # 1e300 would overflow); a column whose sd is below 1e-12 of that magnitude is
+        # constant, whatever its units (values of size 1e-300 still vary)
         c64 = cov.to(torch.float64)
-        mean = c64.mean(0)
+        big = c64.abs().amax(0) if cov.shape[0] > 0 else c64.new_zeros(cov.shape[1])
+        big = torch.where(big > 0, big, torch.ones_like(big))
+        unit = c64 / big
+        mean = unit.mean(0) * big
         sd = (
-            c64.std(0, unbiased=False)
+            unit.std(0, unbiased=False)
             if cov.shape[0] > 1 and cov.shape[1] > 0
             else torch.zeros_like(mean)
         )
-        keep = (sd > 1e-12 * (mean.abs() + 1.0)).cpu().numpy()
+        keep = (sd > 1e-12).cpu().numpy()
+        sd = sd * big
         stats = {"mean": mean.cpu().numpy(), "sd": sd.cpu().numpy(), "keep": keep}
         if not keep.all():
             logger.info("covariates: %d constant column(s) dropped", int((~keep).sum()))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .._threads import threads_for
@@ -133,6 +134,8 @@ class Prior(ABC):
         if isinstance(covariates, torch.Tensor):
             cov = covariates.detach()
         else:
+            if sp.issparse(covariates):
+                covariates = covariates.toarray()  # n x d with few columns
             arr = np.asarray(covariates)
             if arr.dtype == object or arr.dtype.kind not in "biuf":
                 raise TypeError(f"covariates must be numeric, got an array of dtype {arr.dtype}.")
