@@ -455,3 +455,42 @@ def test_covariates_in_any_units_sparse_or_named():
         ValueError, match=rf"X_l's largest absolute value, {big}, overflows float32"
     ):
         cebmf.fit_ebmf(y, prior_loadings="cash", X_l=cov * 1e300, dtype="float32")
+
+
+def test_lbfgs_step_overflow_keeps_the_best_point(monkeypatch):
+    """A strong-Wolfe search whose step outgrows float32 (seen with a nonnegative cgb in
+    EBMF: the truncated slab's mean runs off) raises an overflow error inside L-BFGS;
+    training stops there and keeps the best point evaluated, never below the start. Here
+    L-BFGS is made to fail after a few evaluations; then a real nonnegative cgb fit."""
+    cov, _, x = simulate(n=400, seed=13, nonneg=True)
+    plain = cebmf.ebnm(x, 1.0, "generalized_binary")
+    real_step = torch.optim.LBFGS.step
+
+    def failing_step(self, closure):
+        calls = {"n": 0}
+
+        def counted():
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("value cannot be converted to type float without overflow")
+            return closure()
+
+        return real_step(self, counted)
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", failing_step)
+    res = cebmf.ebnm(x, 1.0, "cgb", covariates=cov, nonnegative=True)
+    assert np.isfinite(res.loglik) and res.loglik >= plain.loglik - 1e-6 * x.size
+    monkeypatch.setattr(torch.optim.LBFGS, "step", real_step)
+
+    rng = np.random.default_rng(0)
+    n, p = 120, 40
+    loadings = np.abs(rng.normal(size=(n, 2))) * (rng.random((n, 2)) < 0.4)
+    y = loadings @ np.abs(rng.normal(size=(p, 2))).T * 3 + rng.normal(size=(n, p))
+    fit = cebmf.fit_ebmf(
+        y,
+        max_factors=4,
+        prior_loadings=get_prior("cgb", nonnegative=True),
+        X_l=rng.normal(size=(n, 2)),
+    )
+    assert fit.n_factors >= 2 and np.all(fit.L >= 0)
+    assert np.all(np.diff(fit.elbo_trace) >= -1e-9 * abs(fit.elbo))

@@ -477,7 +477,15 @@ class CovariatePrior(Prior):
             tolerance_change=self.tol,
             line_search_fn="strong_wolfe",
         )
-        opt.step(closure)
+        try:
+            opt.step(closure)
+        except RuntimeError as err:
+            # the strong-Wolfe search can grow its step past what float32 parameters take
+            # (a direction along which the loss keeps falling, e.g. a truncated slab's mean
+            # running off to -inf); every point it evaluated is a candidate, so stop here
+            if "overflow" not in str(err):
+                raise
+            logger.debug("%s: L-BFGS stopped, step overflow (%s)", self.name, err)
         for p in params:
             p.requires_grad_(False)
         if best["state"] is None:
