@@ -221,18 +221,40 @@ def test_warm_start_follows_the_data_and_never_falls_behind_the_plain_prior(fami
         assert set(grids[0]) <= set(grids[2])  # never shrinks: the saved prior stays a point
 
 
-def test_emdn_keeps_its_sd_bounds_across_warm_starts():
-    """The saved network is the same prior only with the same sd bounds: a warm start on
-    data of another scale keeps them, and g_init + fix_g reproduces the stored loglik."""
+@pytest.mark.parametrize("family", ["emdn", "spiked_emdn"])
+def test_emdn_sd_bounds_across_warm_starts(family):
+    """The saved network is the same prior only under the same sd bounds. A warm start on
+    data 1e4 times larger needs sds beyond them: the bounds widen (the saved network's sds
+    lie strictly inside the old ones, so it is still the same prior), the fit does not
+    fall behind the plain prior fitted to those data (it fell 314 nats behind when the
+    bounds were kept), and g_init + fix_g reproduces the stored loglik. Data within the
+    saved bounds keep them exactly."""
     cov, _, x = simulate(seed=10)
-    prior = get_prior("emdn")
-    ct = torch.tensor(cov)
-    first = prior.fit(torch.tensor(x), torch.ones(1, dtype=torch.float64), ct)
-    x2 = 30.0 * x
-    again = prior.fit(torch.tensor(x2), torch.ones(1, dtype=torch.float64), ct, state=first.state)
-    np.testing.assert_array_equal(again.g["log_sd_bounds"], first.g["log_sd_bounds"])
-    fixed = cebmf.ebnm(x2, 1.0, "emdn", covariates=cov, g_init=again.g, fix_g=True)
+    prior = get_prior(family)
+    ct, one = torch.tensor(cov), torch.ones(1, dtype=torch.float64)
+    first = prior.fit(torch.tensor(x), one, ct)
+    same = prior.fit(torch.tensor(0.5 * x), one, ct, state=first.state)
+    np.testing.assert_array_equal(same.g["log_sd_bounds"], first.g["log_sd_bounds"])
+    x2 = 1e4 * x
+    again = prior.fit(torch.tensor(x2), one, ct, state=first.state)
+    old_lo, old_hi = first.g["log_sd_bounds"]
+    new_lo, new_hi = again.g["log_sd_bounds"]
+    assert new_lo == old_lo and new_hi > old_hi + math.log(1e3)
+    plain = cebmf.ebnm(x2, 1.0, "normal_scale_mixture")
+    assert again.loglik >= plain.loglik
+    fixed = cebmf.ebnm(x2, 1.0, family, covariates=cov, g_init=again.g, fix_g=True)
     assert fixed.loglik == pytest.approx(again.loglik, rel=1e-10)
+    # a saved sd held at its upper bound (raw output beyond it): widening would change the
+    # saved prior, so the bounds stay, and the fit never falls below that saved prior
+    state = {**first.state, "network": dict(first.state["network"])}
+    bias = state["network"]["out.bias"].copy()
+    bias[-1] = old_hi + 5.0  # the last output is the last component's log sd
+    state["network"]["out.bias"] = bias
+    held = prior.fit(torch.tensor(x2), one, ct, state=state)
+    np.testing.assert_array_equal(held.g["log_sd_bounds"], first.g["log_sd_bounds"])
+    saved = dict(first.g, network=state["network"])
+    before = cebmf.ebnm(x2, 1.0, family, covariates=cov, g_init=saved, fix_g=True)
+    assert held.loglik >= before.loglik
 
 
 @pytest.mark.parametrize("with_x", [False, True])

@@ -244,6 +244,12 @@ class CovariatePrior(Prior):
         """Global (non-network) parameters, as tensors to optimise."""
         return {}
 
+    def _widen_setup(self, setup: dict, net: CovariateNet, z, x, s) -> dict:
+        """A warm start's setup, widened where the data now need it, provided the saved
+        network's prior stays the same under the wider setup (the warm start must still
+        be able to return it)."""
+        return setup
+
     def _g_to_data_units(self, g: dict[str, Any], unit: float) -> dict[str, Any]:
         """The entries of a fitted ``g`` that carry units, from the fit's internal units
         (data / ``unit``) to the data's (``g`` is modified and returned)."""
@@ -310,6 +316,7 @@ class CovariatePrior(Prior):
             }
             n_iter = self.warm_iter
             if g_init is None and not fix_g:
+                setup = self._widen_setup(setup, net, z, xs, s)
                 net, extra, n_iter = self._best_start(net, extra, z, xs, s, setup)
         else:
             net, extra = self._plain_network(net, xs, s, setup)

@@ -43,11 +43,33 @@ class Emdn(CovariatePrior):
             # the saved network's sds are only the same prior with the same bounds
             lo, hi = (float(v) for v in np.asarray(warm["log_sd_bounds"]))
             return {"log_sd_lo": lo, "log_sd_hi": hi}
+        return self._fresh_bounds(x, s)
+
+    @staticmethod
+    def _fresh_bounds(x, s) -> dict[str, float]:
+        """log sd bounds for these data: from 1e-4 of the smallest s to 10 times the
+        largest |x| + s."""
         stats = torch.stack([s.min(), s.max(), x.abs().max()]).double().tolist()
         return {
             "log_sd_lo": math.log(stats[0] * 1e-4),
             "log_sd_hi": math.log(10.0 * (stats[2] + stats[1])),
         }
+
+    def _widen_setup(self, setup, net, z, x, s):
+        # data that grew (or shrank) past the saved bounds need sds outside them: widen
+        # to the fresh bounds, if no saved sd sits at a bound (then the saved network is
+        # the same prior under the wider bounds; otherwise keep them)
+        fresh = self._fresh_bounds(x, s)
+        lo = min(setup["log_sd_lo"], fresh["log_sd_lo"])
+        hi = max(setup["log_sd_hi"], fresh["log_sd_hi"])
+        if lo == setup["log_sd_lo"] and hi == setup["log_sd_hi"]:
+            return setup
+        with torch.no_grad():
+            raw = net(z)[:, int(self.spiked) + 2 * self.n_components :]
+        inside = torch.stack([raw.min(), raw.max()]).double().tolist()
+        if not (setup["log_sd_lo"] < inside[0] and inside[1] < setup["log_sd_hi"]):
+            return setup
+        return {**setup, "log_sd_lo": lo, "log_sd_hi": hi}
 
     def _state_entries(self, setup):
         return {"log_sd_bounds": np.array([setup["log_sd_lo"], setup["log_sd_hi"]])}
