@@ -250,6 +250,12 @@ class CovariatePrior(Prior):
         be able to return it)."""
         return setup
 
+    def _state_in_units(self, state: dict, ratio: float) -> dict | None:
+        """The warm-start ``state`` re-expressed for units ``ratio`` times smaller (values
+        in the old units times ``ratio``; logs of scales plus log ``ratio``): the same
+        prior, for a network that works in the new units. None if the family cannot."""
+        return None
+
     def _g_to_data_units(self, g: dict[str, Any], unit: float) -> dict[str, Any]:
         """The entries of a fitted ``g`` that carry units, from the fit's internal units
         (data / ``unit``) to the data's (``g`` is modified and returned)."""
@@ -262,7 +268,8 @@ class CovariatePrior(Prior):
     @staticmethod
     def _unit(xs: torch.Tensor, s: torch.Tensor, warm: dict | None) -> float:
         """The data scale u of this call: the warm start's (its network works in those
-        units), else the root mean square of x - mode (of s when x is all zero)."""
+        units; see ``_REUNIT_RATIO``), else the root mean square of x - mode (of s when x
+        is all zero)."""
         if warm is not None and "unit" in warm:
             return float(np.asarray(warm["unit"]))
         if warm is not None and "network" in warm:
@@ -285,6 +292,15 @@ class CovariatePrior(Prior):
             if g_init is not None and "unit" in g_init:
                 g_init = self._g_from_data_units(dict(g_init), float(np.asarray(g_init["unit"])))
             unit = self._unit(xs, s, g_init if g_init is not None else state)
+            if g_init is None and state is not None and "unit" in state and not fix_g:
+                # data that moved far from the saved units: the saved prior, expressed in
+                # the units of these data, keeps the optimiser's parameters of order one
+                fresh = self._unit(xs, s, None)
+                ratio = unit / fresh
+                moved = not 1.0 / _REUNIT_RATIO <= ratio <= _REUNIT_RATIO
+                rescaled = self._state_in_units(state, ratio) if moved else None
+                if rescaled is not None:
+                    state, unit = rescaled, fresh
             if unit != 1.0:
                 xs, s = xs / unit, s / unit
         warm = g_init if g_init is not None else state
@@ -500,6 +516,11 @@ class CovariatePrior(Prior):
         _restore(net, extra, best["state"])
         if not self._exact_loglik(net, extra, z, x, s, setup) >= start_ll:
             _restore(net, extra, start)
+
+
+#: A warm start is re-expressed in the units of its data when they differ from the saved
+#: units by more than this factor either way.
+_REUNIT_RATIO = 10.0
 
 
 def _snapshot(net, extra):

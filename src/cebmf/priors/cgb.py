@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as fn
 
@@ -111,6 +112,12 @@ class Cgb(CovariatePrior):
             "scale": float(torch.exp(extra["log_sd"])),
             "nonnegative": self.nonnegative,
         }
+
+    def _state_in_units(self, state, ratio):
+        extra = dict(state["extra"])
+        extra["mu"] = np.asarray(extra["mu"], dtype=np.float64) * ratio
+        extra["log_sd"] = np.asarray(extra["log_sd"], dtype=np.float64) + math.log(ratio)
+        return {**state, "extra": extra}
 
     def _g_to_data_units(self, g, unit):
         g["mu"] = g["mu"] * unit

@@ -148,6 +148,16 @@ class Emdn(CovariatePrior):
             entries["pi0"] = pi[:, 0].cpu().numpy()
         return entries
 
+    def _state_in_units(self, state, ratio):
+        k, j = self.n_components, int(self.spiked)
+        net = {name: np.array(v, dtype=np.float64) for name, v in state["network"].items()}
+        mu, log_sd = slice(j + k, j + 2 * k), slice(j + 2 * k, j + 3 * k)
+        net["out.weight"][mu] *= ratio
+        net["out.bias"][mu] *= ratio
+        net["out.bias"][log_sd] += math.log(ratio)
+        bounds = np.asarray(state["log_sd_bounds"], dtype=np.float64) + math.log(ratio)
+        return {**state, "network": net, "log_sd_bounds": bounds}
+
     def _g_to_data_units(self, g, unit):
         g["mu_mean"] = g["mu_mean"] * unit
         g["sd_mean"] = g["sd_mean"] * unit
