@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 _FLOATS = (torch.float32, torch.float64)
@@ -69,6 +70,52 @@ def check_finite(t: torch.Tensor, name: str) -> None:
             f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or Inf), the first at "
             f"index {idx}; remove or impute them before fitting."
         )
+
+
+def covariate_matrix(
+    value: Any, n: int, name: str, rows: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Covariates as an (n, d) tensor of ``dtype`` on ``device``: numpy / torch / scipy
+    sparse (densified: d is small) / pandas (numeric columns only), 1-D meaning one
+    covariate; finite, one row per ``rows`` (e.g. "observation", "row of Y")."""
+    if sp.issparse(value):
+        value = value.toarray()
+    if hasattr(value, "columns") and hasattr(value, "dtypes"):  # a pandas DataFrame
+        bad = [
+            str(c) for c, d in zip(value.columns, value.dtypes, strict=True) if d.kind not in "biuf"
+        ]
+        if bad:
+            raise TypeError(
+                f"{name} has non-numeric column(s) {bad[:5]}; encode them first, e.g. "
+                f"pandas.get_dummies({name}, columns={bad[:5]}, dtype=float)."
+            )
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.is_complex():
+            raise TypeError(f"{name} must be real numbers, got a complex tensor.")
+    else:
+        arr = np.asarray(value)
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}.")
+        t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64))
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2:
+        raise ValueError(
+            f"{name} must be 1-D or 2-D (one column per covariate), got shape {tuple(t.shape)}."
+        )
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have one row per {rows} ({n}), got shape {tuple(t.shape)}.")
+    if t.is_floating_point():
+        check_finite(t.reshape(-1), name)
+    cov = t.to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(
+            f"{name}'s largest absolute value, {float(t.abs().max()):.3g}, overflows "
+            f"{str(dtype).removeprefix('torch.')}; rescale {name} (the priors use its "
+            "standardised columns only) or compute in float64 (dtype='float64')."
+        )
+    return cov
 
 
 def representable_range(dtype: torch.dtype) -> tuple[float, float]:

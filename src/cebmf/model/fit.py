@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from .._validation import resolve_seed
+from .._validation import covariate_matrix, resolve_seed
 from ..data.convert import as_data_matrix, resolve_device, resolve_dtype
 from ..priors.base import Prior, get_prior
 from .engine import Engine
@@ -65,39 +64,8 @@ class _PriorChoice:
 def _as_covariates(x, n: int, argname: str, dtype, device) -> torch.Tensor | None:
     if x is None:
         return None
-    if sp.issparse(x):
-        x = x.toarray()  # N x d with few columns: dense is O(N d), like the loadings
-    if hasattr(x, "columns") and hasattr(x, "dtypes"):  # a pandas DataFrame
-        bad = [str(c) for c, d in zip(x.columns, x.dtypes, strict=True) if d.kind not in "biuf"]
-        if bad:
-            raise TypeError(
-                f"{argname} has non-numeric column(s) {bad[:5]}; encode them first, e.g. "
-                f"pandas.get_dummies({argname}, columns={bad[:5]}, dtype=float)."
-            )
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise TypeError(f"{argname} must be a numeric array, got dtype {arr.dtype}.")
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2:
-        raise ValueError(
-            f"{argname} must be 1-D or 2-D (one column per covariate), got shape {arr.shape}."
-        )
-    if arr.shape[0] != n:
-        raise ValueError(
-            f"{argname} must have one row per {'row' if argname == 'X_l' else 'column'} of Y "
-            f"({n}), got shape {arr.shape}."
-        )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{argname} contains NaN or Inf; impute or drop them first.")
-    cov = torch.as_tensor(arr, dtype=dtype, device=device)
-    if not bool(torch.isfinite(cov).all()):
-        raise ValueError(
-            f"{argname}'s largest absolute value, {float(np.abs(arr).max()):.3g}, overflows "
-            f"{str(dtype).removeprefix('torch.')}; rescale {argname} (the priors use its "
-            "standardised columns only) or compute in float64 (dtype='float64')."
-        )
-    return cov
+    rows = f"{'row' if argname == 'X_l' else 'column'} of Y"
+    return covariate_matrix(x, n, argname, rows, dtype, device)
 
 
 def _check_zero_lines(data, noise: str) -> None:

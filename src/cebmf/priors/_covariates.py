@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._math import exp_flushed, logsumexp_rows
-from ._posterior import PosteriorSummary, chunked, combine
+from ._posterior import chunked, combine
 from .base import EBNMResult, Prior
 
 logger = logging.getLogger("cebmf")
@@ -357,14 +357,8 @@ class CovariatePrior(Prior):
                 pieces = self._posterior_pieces(
                     out[i:j], extra, xs[i:j], s_full[i:j], _slice_setup(setup, i, j), c, used
                 )
-                if unit == 1.0:
-                    return combine(resp[used], *pieces, log_marginal=log_marginal, shift=self.mode)
-                # back to the data's units: theta = mode + unit * theta'
-                post = combine(resp[used], *pieces, log_marginal=log_marginal)
-                mean = self.mode + unit * post.mean
-                sd = unit * post.sd
-                return PosteriorSummary(
-                    mean, mean * mean + sd * sd, sd, post.lfsr, log_marginal - math.log(unit)
+                return combine(
+                    resp[used], *pieces, log_marginal=log_marginal, shift=self.mode, scale=unit
                 )
 
             post = chunked(part, n, log_w.shape[0], x.device)

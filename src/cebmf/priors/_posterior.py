@@ -10,6 +10,7 @@ elementwise passes over contiguous rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -37,18 +38,23 @@ def combine(
     p_ge: torch.Tensor,
     log_marginal: torch.Tensor,
     shift: float = 0.0,
+    scale: float = 1.0,
 ) -> PosteriorSummary:
     """Summaries of the mixture sum_k resp_k * piece_k; every input (K, n) or broadcastable.
 
     The variance is the law of total variance sum_k r_k (v_k + (m_k - m)^2), non-negative
     by construction, and ``mean2 = mean^2 + var``; ``lfsr = min(P(theta <= 0),
-    P(theta >= 0))``. ``shift`` (the prior's mode) is added to the means; the pieces' sign
+    P(theta >= 0))``. The pieces may be in units ``scale`` times smaller than the data's:
+    the summaries are of theta = shift + scale * theta' (``shift``: the prior's mode), and
+    the log marginal densities, of x' = x / scale, lose log ``scale``. The pieces' sign
     probabilities must already refer to theta = 0.
     """
     m = (resp * mean).sum(0)
     dev = mean - m
     v = (resp * (var + dev * dev)).sum(0).clamp(min=0.0)
     lfsr = torch.minimum((resp * p_le).sum(0), (resp * p_ge).sum(0)).clamp(0.0, 1.0)
+    if scale != 1.0:
+        m, v, log_marginal = scale * m, (scale * scale) * v, log_marginal - math.log(scale)
     m = m + shift
     return PosteriorSummary(m, m * m + v, torch.sqrt(v), lfsr, log_marginal)
 

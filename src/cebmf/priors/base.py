@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .._threads import threads_for
-from .._validation import check_finite
+from .._validation import covariate_matrix
 
 
 @dataclass
@@ -131,27 +130,9 @@ class Prior(ABC):
                 f"prior {self.name!r} needs covariates (one row per observation): pass "
                 "covariates= to cebmf.ebnm, or X_l / X_f to fit_ebmf."
             )
-        if isinstance(covariates, torch.Tensor):
-            cov = covariates.detach()
-        else:
-            if sp.issparse(covariates):
-                covariates = covariates.toarray()  # n x d with few columns
-            arr = np.asarray(covariates)
-            if arr.dtype == object or arr.dtype.kind not in "biuf":
-                raise TypeError(f"covariates must be numeric, got an array of dtype {arr.dtype}.")
-            cov = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64))
-        if cov.is_complex():
-            raise TypeError("covariates must be real numbers.")
-        if cov.ndim == 1:
-            cov = cov[:, None]
-        if cov.ndim != 2 or cov.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"covariates must have one row per observation ({x.shape[0]}), got shape "
-                f"{tuple(cov.shape)}."
-            )
-        cov = cov.to(device=x.device, dtype=x.dtype)
-        check_finite(cov.reshape(-1), "covariates")
-        return cov
+        return covariate_matrix(
+            covariates, x.shape[0], "covariates", "observation", x.dtype, x.device
+        )
 
     @abstractmethod
     def _fit(
