@@ -95,8 +95,9 @@ class Cash(CovariatePrior):
     def _plain_start(self, x, s, setup):
         # warm-started from the previous call's plain weights (the optimum is the same,
         # mix-SQP needs fewer iterations: the demo's ~7 per call drop to ~2)
-        ll = setup["loglik_nk"].T.to(torch.float64)
-        pi = mixsqp(exp_flushed(ll - ll.max(0).values), setup["plain_init"])
+        # the rows of loglik_nk are already less their maximum (a copy: exp is in place)
+        lik = exp_flushed(setup["loglik_nk"].T.to(torch.float64, copy=True))
+        pi = mixsqp(lik, setup["plain_init"])
         setup["plain_pi"] = pi
         bias = torch.log(pi).clamp(min=_MIN_LOG_WEIGHT).to(x.dtype)
         return bias, {}
