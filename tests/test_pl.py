@@ -489,3 +489,144 @@ def test_all_plots_on_a_real_tl_fit(tmp_path):
     for name in ("e", "t", "v", "l", "s", "p"):
         assert_png(tmp_path / f"{name}.png")
     assert_unchanged(adata, before)
+
+
+# ---- MuData ---------------------------------------------------------------------------
+def _mudata_snapshot(mdata):
+    return {
+        "obs": mdata.obs.copy(),
+        "obsm": sorted(mdata.obsm.keys()),
+        "uns": sorted(mdata.uns.keys()),
+        "record": sorted(mdata.uns["cebmf"].keys()),
+        "L": np.array(mdata.obsm["X_cebmf"]),
+        "mods": {
+            m: (sorted(a.obsm.keys()), sorted(a.varm.keys()), a.var.copy())
+            for m, a in mdata.mod.items()
+        },
+    }
+
+
+def test_plots_of_a_joint_mudata_fit(tmp_path):
+    """Every plot reads a joint MuData fit: cells from the MuData, features from the chosen
+    modality (mod=), the record cut down to that modality; the MuData is not modified."""
+    import mudata as md
+
+    rna = sc.datasets.pbmc68k_reduced()[:300, :200].copy()
+    rna.var["log_mean"] = np.log1p(np.abs(np.asarray(rna.X)).mean(0))
+    rng = np.random.default_rng(0)
+    atac = ad.AnnData(
+        rng.poisson(0.4, (rna.n_obs, 60)).astype(float), obs=pd.DataFrame(index=rna.obs_names)
+    )
+    atac.var_names = [f"peak_{j}" for j in range(atac.n_vars)]
+    mdata = md.MuData({"rna": rna, "atac": atac})
+    mdata.obs["pm"] = rna.obs["percent_mito"].to_numpy()
+    cebmf.tl.fit(
+        mdata,
+        transform={"rna": None, "atac": "log1p_normalize"},
+        obs_covariates="pm",
+        var_covariates={"rna": "log_mean"},
+        n_factors=3,
+        max_iter=5,
+    )
+    rec = mdata.uns["cebmf"]
+    names = list(rec["factor_names"])
+    L = np.asarray(mdata.obsm["X_cebmf"])
+    before = _mudata_snapshot(mdata)
+
+    # cells: the MuData's loadings, an embedding found in the rna modality, mdata.obs groups
+    axs = pl.embedding(mdata, save=str(tmp_path / "e.png"), show=False)
+    assert [a.get_title() for a in axs] == names
+    assert_png(tmp_path / "e.png")
+    np.testing.assert_allclose(
+        np.sort(np.asarray(axs[1].collections[0].get_array())), np.sort(L[:, 1])
+    )
+    a = pl.structure(mdata, "rna:bulk_labels", show=False)
+    expected = (
+        pd.DataFrame(L, index=mdata.obs_names)
+        .groupby(mdata.obs["rna:bulk_labels"], observed=True)
+        .mean()
+    )
+    np.testing.assert_allclose(np.asarray(a.images[0].get_array()), expected.to_numpy())
+    # a modality's cell annotation that the MuData has not pulled is found as "mod:column"
+    mdata["rna"].obs["half"] = pd.Categorical(np.arange(rna.n_obs) % 2)
+    before = _mudata_snapshot(mdata)
+    assert "rna:half" not in mdata.obs.columns
+    a = pl.structure(mdata, "rna:half", show=False)
+    np.testing.assert_allclose(
+        np.asarray(a.images[0].get_array()), [L[::2].mean(0), L[1::2].mean(0)]
+    )
+
+    # variance explained: the fit's, plus one line per modality; or one modality's
+    a = pl.variance_explained(mdata, show=False)
+    assert [line.get_label() for line in a.lines] == ["all", "rna", "atac"]
+    for line, want in zip(a.lines, [rec["pve"], *rec["pve_by_mod"].values()], strict=True):
+        np.testing.assert_allclose(line.get_ydata(), want)
+    a = pl.variance_explained(mdata, mod="atac", show=False)
+    assert len(a.lines) == 1 and "atac" in a.get_title()
+    np.testing.assert_allclose(a.lines[0].get_ydata(), rec["pve_by_mod"]["atac"])
+    pl.elbo(mdata, show=False)
+
+    # features of one modality: ranked among its fitted features only
+    for mod in ("rna", "atac"):
+        F = np.asarray(mdata[mod].varm["cebmf_factors"])
+        mask = np.asarray(rec["var_mask"][mod], dtype=bool)
+        axs = pl.top_genes(mdata, mod=mod, n_genes=5, show=False)
+        for k, a in enumerate(axs):
+            order = np.argsort(-np.where(mask, np.abs(F[:, k]), -np.inf), kind="stable")[:5]
+            assert [t.get_text() for t in a.get_yticklabels()] == list(mdata[mod].var_names[order])
+    # the modality on its own still draws its genes (not its cells)
+    a = pl.top_genes(mdata["rna"], factors=0, n_genes=5, show=False)
+    F = np.asarray(mdata["rna"].varm["cebmf_factors"])
+    assert [t.get_text() for t in a.get_yticklabels()] == list(
+        rna.var_names[np.argsort(-np.abs(F[:, 0]), kind="stable")[:5]]
+    )
+
+    # the rna block of the factors' cash prior against the rna genes' own covariate
+    used = np.flatnonzero(rec["var_mask"]["rna"])
+    block = rec["priors"][names[0]]["factors"]["blocks"]["rna"]
+    a = pl.prior(mdata, 0, side="factors", mod="rna", show=False)
+    assert a.get_xlabel() == "log_mean"
+    xy = a.collections[0].get_offsets()
+    np.testing.assert_allclose(xy[:, 0], rna.var["log_mean"].to_numpy()[used], rtol=1e-6)
+    np.testing.assert_allclose(xy[:, 1], 1.0 - np.asarray(block["pi0"]))
+    a = pl.prior(mdata, names[0], side="factors", covariate="log_mean", mod="rna", show=False)
+    np.testing.assert_allclose(a.collections[0].get_offsets()[:, 1], 1.0 - block["pi0"])
+    assert _mudata_snapshot_equal(mdata, before)
+
+    # errors that name the fix
+    with pytest.raises(ValueError, match=r"several modalities .* pass mod="):
+        pl.top_genes(mdata)
+    with pytest.raises(ValueError, match=r"mod='prot' is not a modality of the MuData"):
+        pl.top_genes(mdata, mod="prot")
+    with pytest.raises(
+        ValueError, match="in modality 'atac' is 'point_normal', which does not depend"
+    ):
+        pl.prior(mdata, 0, side="factors", mod="atac")
+    with pytest.raises(ValueError, match=r"a joint MuData fit: .* Pass the MuData itself"):
+        pl.embedding(mdata["rna"])
+    with pytest.raises(ValueError, match="drop mod="):
+        pl.embedding(rna, mod="rna")
+    with pytest.raises(ValueError, match=r"mdata.uns\['other'\] not found"):
+        pl.embedding(mdata, key="other")
+
+    # a modality fitted on its own (key "alone") is plotted through mod=; a joint fit of
+    # rna only refuses atac
+    cebmf.tl.fit(mdata["rna"], transform=None, n_factors=2, max_iter=3, key_added="alone")
+    a = pl.variance_explained(mdata, key="alone", mod="rna", show=False)
+    np.testing.assert_allclose(a.lines[0].get_ydata(), mdata["rna"].uns["alone"]["pve"])
+    cebmf.tl.fit(mdata, mods=["rna"], transform=None, n_factors=2, max_iter=3, key_added="r")
+    pl.top_genes(mdata, key="r", show=False)  # the one fitted modality needs no mod=
+    with pytest.raises(ValueError, match=r"mod='atac' was not part of the fit 'r'"):
+        pl.top_genes(mdata, key="r", mod="atac")
+
+
+def _mudata_snapshot_equal(mdata, before) -> bool:
+    after = _mudata_snapshot(mdata)
+    pd.testing.assert_frame_equal(after["obs"], before["obs"])
+    for name in ("obsm", "uns", "record"):
+        assert after[name] == before[name], name
+    np.testing.assert_array_equal(after["L"], before["L"])
+    for m, (obsm, varm, var) in before["mods"].items():
+        assert after["mods"][m][:2] == (obsm, varm), m
+        pd.testing.assert_frame_equal(after["mods"][m][2], var)
+    return True

@@ -1,8 +1,10 @@
-"""Plots of a cebmf fit stored in AnnData by :func:`cebmf.tl.fit` (scanpy conventions).
+"""Plots of a cebmf fit stored in an AnnData or a MuData by :func:`cebmf.tl.fit` (scanpy
+conventions).
 
 Every function takes ``key`` (the fit's ``key_added``, default ``"cebmf"``) and scanpy's
-``show`` / ``save`` / ``ax`` / ``return_fig``. None of them modifies the AnnData: plots
-that need obs columns (scanpy colours cells by obs columns) draw from a temporary object.
+``show`` / ``save`` / ``ax`` / ``return_fig``, and ``mod`` (a MuData's modality) where
+features are drawn. None of them modifies the data: plots that need obs columns (scanpy
+colours cells by obs columns) draw from a temporary object.
 
 - :func:`embedding`: loadings on a UMAP / PCA / spatial embedding, one panel per factor.
 - :func:`top_genes`: the genes with the largest factor values.

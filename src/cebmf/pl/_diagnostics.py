@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from . import _utils as u
+from ._source import plot_data
 
 
 def _float_array(value, adata: AnnData, key: str, entry: str) -> np.ndarray:
@@ -33,19 +36,25 @@ def variance_explained(
     save: bool | str | None = None,
     ax: Axes | None = None,
     return_fig: bool | None = None,
+    mod: str | None = None,
 ) -> Figure | Axes | None:
     """Scree plot: the proportion of variance explained (``uns[key]["pve"]``) per factor.
 
     Parameters
     ----------
     adata
-        AnnData with a cebmf result.
+        AnnData with a cebmf result, or a MuData fitted jointly by :func:`cebmf.tl.fit`
+        (see ``mod``).
     key
         The ``key_added`` of :func:`cebmf.tl.fit`.
     log
         Logarithmic y axis.
     n_factors
         Show only the first ``n_factors`` factors (default all).
+    mod
+        MuData only: plot the variance explained within this modality
+        (``uns[key]["pve_by_mod"][mod]``). Default: the whole fit, with one more line per
+        modality when several were fitted.
     show, save, ax, return_fig
         As in scanpy (see :func:`cebmf.pl.embedding`).
 
@@ -59,6 +68,7 @@ def variance_explained(
         When the cebmf result (or its ``pve``) is missing.
     """
     u.check_save(save)
+    adata = plot_data(adata, key, mod, features=False, joint_modality_ok=True)
     pve = _float_array(u.uns_entry(adata, key, "pve"), adata, key, "pve")
     names = u.factor_names(adata, key, pve.size)
     if n_factors is not None:
@@ -67,17 +77,31 @@ def variance_explained(
         if n_factors < 1:
             raise ValueError(f"n_factors must be a positive integer or None, got {n_factors}.")
         pve, names = pve[:n_factors], names[:n_factors]
+    uns = u.get_uns(adata, key)
+    by_mod = uns.get("pve_by_mod") if "modality" not in uns else None
+    series = {}
+    if isinstance(by_mod, Mapping) and len(by_mod) > 1:  # a joint MuData fit, all modalities
+        series = {
+            str(m): _float_array(v, adata, key, f"pve_by_mod'][{m!r}")[: pve.size]
+            for m, v in by_mod.items()
+        }
     fig, (a,) = u.panels(1, 1, (max(3.5, 0.3 * pve.size + 1.5), 3.2), ax)
     x = np.arange(1, pve.size + 1)
-    a.plot(x, pve, marker="o", color="0.2", linewidth=1.0, markersize=4)
+    a.plot(x, pve, marker="o", color="0.2", linewidth=1.0, markersize=4, label="all")
+    for (m, v), color in zip(series.items(), u.factor_palette(len(series)), strict=True):
+        a.plot(x[: v.size], v, marker=".", color=color, linewidth=1.0, markersize=4, label=m)
+    if series:
+        a.legend(title="modality", frameon=False, loc="best")
     a.set_xticks(x, names, rotation=90 if pve.size > 4 else 0)
     a.set_ylabel("proportion of variance explained")
     a.set_xlabel("factor")
+    lowest = min(float(np.nanmin(v)) for v in [pve, *series.values()] if v.size)
     if log:
         a.set_yscale("log")
     else:
-        a.set_ylim(bottom=min(0.0, float(np.nanmin(pve))))
-    a.set_title(f"variance explained (total {np.nansum(pve):.3g})")
+        a.set_ylim(bottom=min(0.0, lowest))
+    where = f" in {uns['modality']}" if "modality" in uns else ""
+    a.set_title(f"variance explained{where} (total {np.nansum(pve):.3g})")
     a.grid(False)
     return u.finish(fig, a, "cebmf_variance_explained", show=show, save=save, return_fig=return_fig)
 
@@ -97,7 +121,8 @@ def elbo(
     Parameters
     ----------
     adata
-        AnnData with a cebmf result.
+        AnnData with a cebmf result, or a MuData fitted jointly by :func:`cebmf.tl.fit`
+        (see ``mod``).
     key
         The ``key_added`` of :func:`cebmf.tl.fit`.
     relative
@@ -117,6 +142,7 @@ def elbo(
         When the cebmf result (or its ``elbo`` trace) is missing.
     """
     u.check_save(save)
+    adata = plot_data(adata, key)
     uns = u.get_uns(adata, key)
     trace = _float_array(u.uns_entry(adata, key, "elbo"), adata, key, "elbo")
     steps = np.arange(1, trace.size + 1)

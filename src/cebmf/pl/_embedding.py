@@ -12,6 +12,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from . import _utils as u
+from ._source import plot_data
 
 
 def embedding(
@@ -27,6 +28,7 @@ def embedding(
     save: bool | str | None = None,
     ax: Axes | None = None,
     return_fig: bool | None = None,
+    mod: str | None = None,
     **kwargs: Any,
 ) -> Figure | Axes | list[Axes] | None:
     """Colour the cells of an embedding by their loadings, one panel per factor.
@@ -34,7 +36,8 @@ def embedding(
     Parameters
     ----------
     adata
-        AnnData with a cebmf result (``obsm["X_" + key]``) and the embedding in ``obsm``.
+        AnnData with a cebmf result (``obsm["X_" + key]``) and the embedding in ``obsm``,
+        or a MuData fitted jointly by :func:`cebmf.tl.fit` (see ``mod``).
     basis
         The embedding: ``"umap"`` (``obsm["X_umap"]``), ``"X_umap"``, ``"spatial"``
         (``obsm["spatial"]``), ... Any ``obsm`` key with at least two columns.
@@ -50,6 +53,9 @@ def embedding(
         some loading is negative, ``"viridis"`` when all shown loadings are >= 0.
     title
         Panel title(s); default the factor names.
+    mod
+        MuData only: a fitted modality. Not needed here (the loadings belong to the cells);
+        given, its ``obsm`` embeddings are searched right after the MuData's own.
     show, save, ax, return_fig
         As in scanpy: ``show=False`` returns the Axes (a list for several panels),
         ``return_fig=True`` the Figure; ``save`` is ``True``, a file name (written to
@@ -72,6 +78,7 @@ def embedding(
     import scanpy as sc
 
     u.check_save(save)
+    adata = plot_data(adata, key, mod, features=False)
     L = u.loadings(adata, key)
     names = u.factor_names(adata, key, L.shape[1])
     idx = u.resolve_factors(factors, names)

@@ -11,6 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from . import _utils as u
+from ._source import plot_data
 
 
 def _gene_labels(adata: AnnData, gene_symbols: str | None) -> np.ndarray:
@@ -55,6 +56,7 @@ def top_genes(
     save: bool | str | None = None,
     ax: Axes | None = None,
     return_fig: bool | None = None,
+    mod: str | None = None,
 ) -> Figure | Axes | list[Axes] | None:
     """Bar charts of the genes with the largest factor values, one panel per factor.
 
@@ -66,7 +68,8 @@ def top_genes(
     Parameters
     ----------
     adata
-        AnnData with a cebmf result (``varm[key + "_factors"]``).
+        AnnData with a cebmf result (``varm[key + "_factors"]``), or a MuData
+        fitted jointly by :func:`cebmf.tl.fit` (see ``mod``).
     factors
         Factors to show: 0-based indices, names, a list of them, or ``None`` for all.
     n_genes
@@ -82,6 +85,10 @@ def top_genes(
         Draw +- one posterior sd when ``varm[key + "_factors_sd"]`` exists.
     ncols
         Panels per row.
+    mod
+        MuData only: the modality whose features are ranked (required when several were
+        fitted, since their values are on different scales); ``gene_symbols`` is then a
+        column of its ``var``.
     show, save, ax, return_fig
         As in scanpy (see :func:`cebmf.pl.embedding`); ``ax`` only with a single factor.
 
@@ -97,6 +104,7 @@ def top_genes(
         column of ``adata.var``.
     """
     u.check_save(save)
+    adata = plot_data(adata, key, mod, features=True, joint_modality_ok=True)
     u.check_choice(sign, "sign", ("both", "positive", "negative"))
     if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1:
         raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}.")

@@ -13,6 +13,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from . import _utils as u
+from ._source import plot_data
 
 QUANTITY_LABELS = {
     "nonzero": "P(non-zero) = 1 - pi0",
@@ -209,6 +210,7 @@ def prior(
     save: bool | str | None = None,
     ax: Axes | None = None,
     return_fig: bool | None = None,
+    mod: str | None = None,
     **kwargs: Any,
 ) -> Figure | Axes | list[Axes] | None:
     """The learned covariate-moderated prior of one factor, per cell (or gene).
@@ -223,7 +225,8 @@ def prior(
     Parameters
     ----------
     adata
-        AnnData with a cebmf result (``uns[key]["priors"]``).
+        AnnData with a cebmf result (``uns[key]["priors"]``), or a MuData
+        fitted jointly by :func:`cebmf.tl.fit` (see ``mod``).
     factor
         The factor: a 0-based index or a name from ``uns[key]["factor_names"]``.
     side
@@ -248,6 +251,10 @@ def prior(
         Colour map of the embedding.
     size
         Marker size (default from the number of points).
+    mod
+        MuData only, ``side="factors"``: the modality whose features' prior is shown (its
+        block of the factors' prior; required when several were fitted). Covariate names
+        are then columns of its ``var``, and int indices count its own covariates.
     show, save, ax, return_fig
         As in scanpy (see :func:`cebmf.pl.embedding`); ``ax`` only with a single panel.
     **kwargs
@@ -270,6 +277,7 @@ def prior(
     u.check_save(save)
     u.check_choice(side, "side", ("loadings", "factors"))
     u.check_choice(quantity, "quantity", tuple(QUANTITY_LABELS))
+    adata = plot_data(adata, key, mod, features=side == "factors")
     uns = u.get_uns(adata, key)
     priors = u.uns_entry(adata, key, "priors")
     if not isinstance(priors, Mapping):
@@ -293,10 +301,11 @@ def prior(
             "intercept): there is no prior to plot."
         )
     family = str(g["family"])
+    in_mod = f" in modality {uns['modality']!r}" if side == "factors" and "modality" in uns else ""
     cov_families = _covariate_families()
     if family not in cov_families:
         raise ValueError(
-            f"the {side} prior of factor {name!r} is {family!r}, which does not depend on "
+            f"the {side} prior of factor {name!r}{in_mod} is {family!r}, which does not depend on "
             f"covariates (the same prior for every {'cell' if side == 'loadings' else 'gene'}"
             "); prior() needs a covariate-moderated family ("
             f"{', '.join(cov_families)}) fitted with covariates."
@@ -330,7 +339,7 @@ def prior(
             f"{used.size} {'cells' if side == 'loadings' else 'genes'}."
         )
     ylabel = QUANTITY_LABELS[quantity]
-    title = f"{name} {side} ({family})"
+    title = f"{name} {side}{in_mod} ({family})"
 
     if basis is not None:
         import scanpy as sc

@@ -13,6 +13,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from . import _utils as u
+from ._source import plot_data
 
 
 def _groups(adata: AnnData, groupby: str) -> pd.Categorical:
@@ -81,6 +82,7 @@ def structure(
     save: bool | str | None = None,
     ax: Axes | None = None,
     return_fig: bool | None = None,
+    mod: str | None = None,
 ) -> Figure | Axes | None:
     """Mean loading of each factor per group of cells.
 
@@ -92,7 +94,8 @@ def structure(
     Parameters
     ----------
     adata
-        AnnData with a cebmf result (``obsm["X_" + key]``).
+        AnnData with a cebmf result (``obsm["X_" + key]``), or a MuData
+        fitted jointly by :func:`cebmf.tl.fit` (see ``mod``).
     groupby
         A categorical column of ``adata.obs`` (string / bool / integer columns are treated
         as categories; float columns are refused).
@@ -108,6 +111,9 @@ def structure(
         Factors to show: indices, names, a list of them, or ``None`` for all.
     cmap
         Colour map of the heatmap (default as above).
+    mod
+        MuData only: a fitted modality. Not needed here (the loadings belong to the cells):
+        the cells' groups are columns of ``mdata.obs`` (e.g. ``"rna:cell_type"``).
     show, save, ax, return_fig
         As in scanpy (see :func:`cebmf.pl.embedding`).
 
@@ -123,6 +129,7 @@ def structure(
         column, ``kind`` is unknown or a factor is unknown.
     """
     u.check_save(save)
+    adata = plot_data(adata, key, mod, features=False)
     u.check_choice(kind, "kind", ("heatmap", "bars"))
     means = group_means(adata, groupby, key, factors, standardize)
     n_groups, n_fac = means.shape
