@@ -125,14 +125,14 @@ def _view(mdata, key: str, record: Mapping, mods: list[str], mod: str | None) ->
         for col in mdata.mod[m].obs.columns:
             if f"{m}:{col}" not in obs.columns:
                 obs[f"{m}:{col}"] = mdata.mod[m].obs[col].array
-    obsm: dict[str, Any] = {
-        k: v for k, v in mdata.obsm.items() if not (k in mdata.mod and np.ndim(v) == 1)
-    }
+    # matrices with a row per cell (the loadings, embeddings); not the 1-D modality masks
+    obsm: dict[str, Any] = {k: v for k, v in mdata.obsm.items() if np.ndim(v) == 2}
     # embeddings computed on a modality (e.g. mdata["rna"].obsm["X_umap"]) come after the
     # MuData's own, the chosen modality first
     for m in [mod] if mod is not None else mods:
         for k, v in mdata.mod[m].obsm.items():
-            obsm.setdefault(k, v)
+            if np.ndim(v) == 2:
+                obsm.setdefault(k, v)
     rec = dict(record)
     var = None
     varm: dict[str, Any] = {}
