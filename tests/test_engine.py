@@ -7,6 +7,7 @@ and the closed-form marginal likelihoods of ``tests/reference.py``.
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import reference as ref
 import scipy.sparse as sp
@@ -387,6 +388,13 @@ def test_bad_inputs_have_clear_errors():
         cebmf.fit_ebmf(np.ones(5))
     with pytest.raises(TypeError, match="must be numeric"):
         cebmf.fit_ebmf(np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(ValueError, match=r"2-dimensional, got shape \(\)"):
+        cebmf.fit_ebmf(3.0)
+    with pytest.raises(TypeError, match="Y is None; pass the data matrix"):
+        cebmf.fit_ebmf(None)
+    frame = pd.DataFrame({"a": ["x"] * 30, "b": y[:, 0]})
+    with pytest.raises(TypeError, match=r"non-numeric column\(s\) \['a'\]"):
+        cebmf.fit_ebmf(frame)
     with pytest.raises(ValueError, match="sparse and contains 1 NaN"):
         cebmf.fit_ebmf(sp.csr_matrix(np.where(np.arange(600).reshape(30, 20) == 7, np.nan, y)))
 

@@ -123,6 +123,8 @@ def as_data_matrix(
             raise TypeError(f"{name} must be real, got a complex tensor.")
     else:
         arr = _as_numeric_array(y, name)
+        if arr.ndim != 2:  # before ascontiguousarray, which makes a scalar 1-D
+            raise ValueError(f"{name} must be 2-dimensional, got shape {arr.shape}.")
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-dimensional, got shape {tuple(t.shape)}.")
@@ -142,6 +144,15 @@ def as_data_matrix(
 def _as_numeric_array(y: Any, name: str) -> np.ndarray:
     """A numeric numpy array; the masked entries of a numpy masked array become NaN
     (missing) in a floating copy."""
+    if y is None:
+        raise TypeError(f"{name} is None; pass the data matrix (numpy, scipy sparse or torch).")
+    if hasattr(y, "dtypes") and hasattr(y, "columns"):  # a DataFrame: name what is not numeric
+        bad = [str(c) for c, dt in zip(y.columns, y.dtypes, strict=True) if dt.kind not in "biuf"]
+        if bad:
+            raise TypeError(
+                f"{name} is a DataFrame with non-numeric column(s) {bad[:5]}; keep the numeric "
+                "columns only (e.g. df.select_dtypes('number'))."
+            )
     mask = np.ma.getmaskarray(y) if isinstance(y, np.ma.MaskedArray) else None
     arr = np.asarray(np.ma.getdata(y) if mask is not None else y)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
