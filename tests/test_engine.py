@@ -645,3 +645,34 @@ def test_update_reports_a_factor_that_became_zero():
     for which in ("factors", "loadings"):
         assert eng2.update(which, 0, eng2.prepare(which))
         assert not (zero(eng2.loadings, 0) or zero(eng2.factors, 0))
+
+
+@pytest.mark.parametrize("noise", ["constant", "row", "column"])
+def test_weight_facts_hold_at_every_update(noise, monkeypatch):
+    """The engine reads from the noise model, without a device sync, whether a side's
+    precision weights are all equal and the other side's all one; check both against the
+    tensors at every update of a fit (greedy, extrapolated backfit, nullcheck)."""
+    from cebmf.model.engine import Engine
+
+    seen = []
+    inputs = Engine.ebnm_inputs
+
+    def checked(self, which, k, pre):
+        w_this, w_other = self._weights(which)
+        uniform, other_one = self._weight_facts(which)
+        # rows and columns of the data have different scales: the facts are exact here
+        assert uniform == bool((w_this == w_this[0]).all())
+        assert other_one == bool((w_other == 1).all())
+        seen.append((which, uniform, other_one))
+        return inputs(self, which, k, pre)
+
+    monkeypatch.setattr(Engine, "ebnm_inputs", checked)
+    y, *_ = simulate(n=60, p=40, seed=3, sd=0.5)
+    y = y * np.linspace(0.5, 2.0, 40)[None, :] * np.linspace(0.5, 2.0, 60)[:, None]
+    res = cebmf.fit_ebmf(y, noise=noise, max_factors=4)
+    assert res.n_factors >= 1 and len(seen) > 10
+    uniform_sides = {w for w, u, _ in seen if u}
+    assert (
+        uniform_sides
+        == {"constant": {"loadings", "factors"}, "row": {"factors"}, "column": {"loadings"}}[noise]
+    )

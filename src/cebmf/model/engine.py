@@ -210,6 +210,16 @@ class Engine:
             else (self.b.to(dt), self.a.to(dt))
         )
 
+    def _weight_facts(self, which: str) -> tuple[bool, bool]:
+        """What the noise model says about :meth:`_weights` (no device sync): whether this
+        side's weights are all equal, and whether the other side's are all one. ``a`` (rows)
+        is all one unless noise is per row; ``b`` (columns) is all one for row noise and
+        all equal for constant noise; extrapolation and snapshots keep both properties."""
+        row, column = self.noise == "row", self.noise == "column"
+        if which == "loadings":
+            return not row, row
+        return not column, not row
+
     def add_factor(
         self,
         lm,
@@ -347,7 +357,7 @@ class Engine:
         pre["m"] = other.mean.T @ (o_cols * w_other[:, None])  # (K, |ks|)
         pre["c"] = (w_other[:, None] * other.mean2.index_select(1, cols)).sum(0, dtype=_F64)
         # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
-        if bool((w_other == 1).all()):
+        if self._weight_facts(which)[1]:
             cache = self._cache[which]
             cache.writable()[:, cols] = yw
             for k in ks:
@@ -402,7 +412,7 @@ class Engine:
         num = pre["yprod"][k] - this.mean @ m_col + this.mean[:, k] * m_col[k]
         x = num / c
         s = 1.0 / torch.sqrt(w_this * c)
-        if bool((w_this == w_this[0]).all()):
+        if self._weight_facts(which)[0]:
             s = s[:1]
         return x, s
 
