@@ -609,3 +609,23 @@ def test_recovers_mixture_prior(family):
     rmse_oracle = _rmse(ref.posterior_mean_grid(truth, x, 1.0), theta)
     assert rmse_fit < rmse_x, (rmse_fit, rmse_x)
     assert rmse_fit <= 1.02 * rmse_oracle, (rmse_fit, rmse_oracle)
+
+
+def test_normal_sign_probs_with_point_masses():
+    """P(theta <= c), P(theta >= c) for N(mean, sd^2), sd = 0 meaning a point mass at the
+    mean: the normal entries against scipy's normal cdf (both tails, far tails included),
+    the point masses exactly, in one call mixing the two."""
+    import torch
+
+    from cebmf._math import normal_sign_probs
+
+    mean = np.array([0.3, -2.0, 40.0, -40.0, 1.0, 0.5, -0.5, 0.5])
+    sd = np.array([1.0, 0.5, 1.0, 1.0, 0.0, 0.0, 0.0, 2.0])
+    c = 0.5
+    p_le, p_ge = (t.numpy() for t in normal_sign_probs(torch.tensor(mean), torch.tensor(sd), c))
+    normal = sd > 0
+    z = (c - mean[normal]) / sd[normal]
+    np.testing.assert_allclose(p_le[normal], special.ndtr(z), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(p_ge[normal], special.ndtr(-z), rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(p_le[~normal], [0.0, 1.0, 1.0])  # means 1.0, 0.5, -0.5
+    np.testing.assert_array_equal(p_ge[~normal], [1.0, 1.0, 0.0])

@@ -131,21 +131,17 @@ def normal_sign_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P(theta <= c), P(theta >= c))`` for theta ~ N(mean, sd^2); sd = 0 is a point mass.
 
-    One tail, Phi(-|z|), is computed (accurate when tiny); the other is 1 minus it.
+    One tail, Phi(-|z|), is computed (accurate when tiny); the other is 1 minus it. Point
+    masses are handled by masks, not a branch, so nothing waits on the device.
     """
     point = sd <= 0
-    has_point = bool(point.any())
-    if has_point:
-        sd = torch.where(point, torch.ones_like(sd), sd)
+    sd = torch.where(point, torch.ones_like(sd), sd)
     z = (c - mean) / sd
     small = ndtr(-z.abs())
     big = 1.0 - small
     below = z < 0
-    p_le = torch.where(below, small, big)
-    p_ge = torch.where(below, big, small)
-    if has_point:
-        p_le = torch.where(point, (mean <= c).to(mean.dtype), p_le)
-        p_ge = torch.where(point, (mean >= c).to(mean.dtype), p_ge)
+    p_le = torch.where(point, (mean <= c).to(mean.dtype), torch.where(below, small, big))
+    p_ge = torch.where(point, (mean >= c).to(mean.dtype), torch.where(below, big, small))
     return p_le, p_ge
 
 

@@ -137,24 +137,29 @@ class SpikeSlabPrior(Prior):
             raise ValueError(f"g_init['pi0'] must be in [0, 1], got {pi0}.")
         return (pi0, self._g_to_eta(g))
 
+    def _value(self, data: _Data, pi0: float, l1: torch.Tensor | None) -> torch.Tensor:
+        """f(pi0, eta) as a float64 0-dim tensor (no device sync) from the slab's
+        per-observation log marginal ``l1`` at eta (unused, may be None, at pi0 = 1)."""
+        f64 = torch.float64
+        if self.has_spike and pi0 == 1.0:  # the null: no slab
+            return data.l0.sum(dtype=f64)
+        if not self.has_spike or pi0 == 0.0:
+            return l1.sum(dtype=f64)
+        return torch.logaddexp(data.l0 + math.log(pi0), l1 + math.log1p(-pi0)).sum(dtype=f64)
+
     def _objective(self, data: _Data, pi0: float, eta: float, derivs: bool):
         """f(pi0, eta), and with ``derivs`` its gradient and Hessian (2-vectors)."""
         f64 = torch.float64
-        if self.has_spike and pi0 == 1.0 and not derivs:  # the null: no slab
-            return data.l0.sum(dtype=f64).item(), None, None
-        if derivs:
-            l1, d1, d2 = self._slab_derivs(data.x, data.s, eta)
-        else:
-            l1 = self._slab_loglik(data.x, data.s, eta)
+        if not derivs:
+            null = self.has_spike and pi0 == 1.0
+            l1 = None if null else self._slab_loglik(data.x, data.s, eta)
+            return self._value(data, pi0, l1).item(), None, None
+        l1, d1, d2 = self._slab_derivs(data.x, data.s, eta)
         if not self.has_spike or pi0 == 0.0:
-            if not derivs:
-                return l1.sum(dtype=f64).item(), None, None
             f, g1, h11 = torch.stack([t.sum(dtype=f64) for t in (l1, d1, d2)]).tolist()
             return f, np.array([0.0, g1]), np.array([[0.0, 0.0], [0.0, h11]])
         lw0, lw1 = math.log(pi0), math.log1p(-pi0)
         ll = torch.logaddexp(data.l0 + lw0, l1 + lw1)
-        if not derivs:
-            return ll.sum(dtype=f64).item(), None, None
         e0 = exp_flushed(data.l0 - ll)
         e1 = exp_flushed(l1 - ll)
         r1 = (1.0 - pi0) * e1
@@ -194,12 +199,17 @@ class SpikeSlabPrior(Prior):
         eta_lo = max(lo[1], 0.5 * math.log(max(es2, 1e-300)) - math.log(100.0))
         etas = [eta0, *np.linspace(eta_lo, hi[1] - math.log(10.0), 12).tolist()]
         pi0s = [0.05, 0.5, 0.95] if self.has_spike else [0.0]
+        # the slab's log marginal once per eta, the grid's values in one device sync
+        values = torch.empty((len(pi0s), len(etas)), dtype=torch.float64, device=x.device)
+        for j, eta in enumerate(etas):
+            l1 = self._slab_loglik(sub.x, sub.s, eta)
+            for i, pi0 in enumerate(pi0s):
+                values[i, j] = self._value(sub, pi0, l1)
         best, best_f = np.array([0.5 if self.has_spike else 0.0, eta0]), -math.inf
-        for pi0 in pi0s:
-            for eta in etas:
-                fv = self._objective(sub, pi0, eta, False)[0]
+        for i, row in enumerate(values.tolist()):  # the first best, pi0 major, wins
+            for j, fv in enumerate(row):
                 if fv > best_f:
-                    best, best_f = np.array([pi0, eta]), fv
+                    best, best_f = np.array([pi0s[i], etas[j]]), fv
         return best
 
     def _optimise(self, data: _Data, warm: list[tuple[float, float]]) -> tuple[float, float]:
