@@ -593,6 +593,14 @@ def test_plots_of_a_joint_mudata_fit(tmp_path):
     np.testing.assert_allclose(a.collections[0].get_offsets()[:, 1], 1.0 - block["pi0"])
     assert _mudata_snapshot_equal(mdata, before)
 
+    # after an h5mu round trip (dicts come back with sorted keys): the same plots
+    mdata.write_h5mu(tmp_path / "m.h5mu")
+    back = md.read_h5mu(tmp_path / "m.h5mu")
+    a = pl.variance_explained(back, show=False)
+    assert [line.get_label() for line in a.lines] == ["all", "rna", "atac"]
+    a = pl.prior(back, 0, side="factors", mod="rna", show=False)
+    np.testing.assert_allclose(a.collections[0].get_offsets()[:, 1], 1.0 - block["pi0"])
+
     # errors that name the fix
     with pytest.raises(ValueError, match=r"several modalities .* pass mod="):
         pl.top_genes(mdata)

@@ -81,9 +81,10 @@ def variance_explained(
     by_mod = uns.get("pve_by_mod") if "modality" not in uns else None
     series = {}
     if isinstance(by_mod, Mapping) and len(by_mod) > 1:  # a joint MuData fit, all modalities
+        order = [str(m) for m in np.atleast_1d(np.asarray(uns.get("mods", list(by_mod))))]
+        order = [m for m in order if m in by_mod] + [m for m in by_mod if m not in order]
         series = {
-            str(m): _float_array(v, adata, key, f"pve_by_mod'][{m!r}")[: pve.size]
-            for m, v in by_mod.items()
+            m: _float_array(by_mod[m], adata, key, f"pve_by_mod'][{m!r}")[: pve.size] for m in order
         }
     fig, (a,) = u.panels(1, 1, (max(3.5, 0.3 * pve.size + 1.5), 3.2), ax)
     x = np.arange(1, pve.size + 1)
