@@ -489,8 +489,9 @@ def _iterate(
 ):
     """Repeat ``step`` until the ELBO gains less than ``max(tol, rel_tol * (ELBO -
     gain_from))``, with extrapolation: each step starts from cur + beta (cur - prev) and is
-    kept only if it beats cur; otherwise a plain step from cur follows and beta shrinks, so
-    accepted ELBOs never decrease.
+    kept only if it beats cur; otherwise a plain step from cur follows and beta shrinks. A
+    plain step that lowers the ELBO ends the loop (its gain is below tol) and is undone, so
+    the ELBOs recorded never decrease, in float32 too.
 
     Returns ``(converged, reason, steps, elbo, dead)`` where ``dead`` lists factors that
     the last step found zero (and, for sweeps, removed).
@@ -514,6 +515,13 @@ def _iterate(
         if new == -math.inf:
             dead = step()
             new = engine.elbo()
+            if not dead and new < elbo:
+                # a lower ELBO ends the loop (the gain is below tol); keep the better state.
+                # Coordinate ascent loses ELBO only through the rounding of the compute
+                # dtype (float32 on a GPU), or where a prior's warm start cannot reproduce
+                # the previous sweep's prior (emdn's sd bounds, self_covariates)
+                engine.restore(cur)
+                return True, "converged", it, elbo, []
         prev = cur
         if on_step is not None:
             on_step(it, new)
