@@ -68,11 +68,14 @@ class DataMatrix(ABC):
 
     @abstractmethod
     def matmul(self, b: torch.Tensor) -> torch.Tensor:
-        """``Y @ b`` for a (P, k) matrix (missing entries count as 0)."""
+        """``Y @ b`` for a (P, k) matrix (missing entries count as 0), accumulated and
+        returned in float64 whatever the compute dtype: the engine subtracts L (F^T b) from
+        it, and a float32 sum over P entries would leave an error of the size of the
+        residual it is after (the fit would stall; see docs/engine.md)."""
 
     @abstractmethod
     def rmatmul(self, a: torch.Tensor) -> torch.Tensor:
-        """``Y.T @ a`` for an (N, k) matrix (missing entries count as 0)."""
+        """``Y.T @ a`` for an (N, k) matrix (missing entries count as 0), in float64."""
 
     @property
     def n_obs(self) -> float:
@@ -103,13 +106,33 @@ class DenseData(DataMatrix):
             self.n_obs_row = self.mask.sum(1, dtype=_F64)
             self.n_obs_col = self.mask.sum(0, dtype=_F64)
 
+    def _row_blocks(self):
+        """Row blocks of float32 values upcast to float64 (no float64 copy of Y)."""
+        n, p = self.shape
+        rows = max(1, _DENSE_BLOCK // max(p, 1))
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            yield start, stop, self.values[start:stop].to(_F64)
+
     def matmul(self, b):
-        # (b^T Y^T)^T: a row-major Y times a thin b is ~3x slower as Y @ b on CPU (float32)
-        return (b.T @ self.values.T).T.contiguous()
+        b = b.to(_F64)
+        if self.values.dtype == _F64:
+            # (b^T Y^T)^T: a row-major Y times a thin b is ~3x slower as Y @ b on CPU
+            return (b.T @ self.values.T).T.contiguous()
+        out = torch.empty((self.shape[0], *b.shape[1:]), dtype=_F64, device=self.device)
+        for start, stop, block in self._row_blocks():
+            out[start:stop] = (b.T @ block.T).T
+        return out
 
     def rmatmul(self, a):
-        # (a^T Y)^T reads Y row-major; Y.T @ a with several columns is ~3x slower on CPU
-        return (a.T @ self.values).T.contiguous()
+        a = a.to(_F64)
+        if self.values.dtype == _F64:
+            # (a^T Y)^T reads Y row-major; Y.T @ a with several columns is ~3x slower on CPU
+            return (a.T @ self.values).T.contiguous()
+        out = torch.zeros((self.shape[1], *a.shape[1:]), dtype=_F64, device=self.device)
+        for start, stop, block in self._row_blocks():
+            out += (a[start:stop].T @ block).T
+        return out
 
 
 class SparseData(DataMatrix):
@@ -123,11 +146,12 @@ class SparseData(DataMatrix):
       intra-op thread, 2-3x faster than scipy's on 2 cores. The only backend on a GPU.
     - ``"scipy"``: scipy's single-threaded CSR kernels on the canonical CSR itself
       (``Y.T @ a`` is a CSC view of the same arrays: no transposed copy). With float32
-      values and float64 compute (as for most h5ad files) the values are not copied
-      either: the products upcast row blocks, exactly.
+      values (as in most h5ad files) the values are not copied either: the products
+      upcast row blocks, exactly.
 
-    ``"auto"`` picks ``"torch"`` unless the values would need a converted copy on the CPU
-    (float32 values, float64 compute), where ``"scipy"`` keeps the memory at one matrix.
+    The products accumulate in float64 whatever the compute dtype, so the torch CSRs hold
+    float64 values. ``"auto"`` picks ``"torch"`` unless the values would need a converted
+    copy on the CPU (float32 values), where ``"scipy"`` keeps the memory at one matrix.
     ``fit_ebmf(..., sparse_backend="scipy")`` fits a matrix that fits in memory once but not
     twice.
     """
@@ -147,14 +171,15 @@ class SparseData(DataMatrix):
         if not csr.has_canonical_format:
             csr = csr.copy()  # sorting / summing duplicates must not touch the caller's
             csr.sum_duplicates()
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        # the products accumulate in float64 whatever the compute dtype (see DataMatrix)
+        np_dtype = np.float64
         if backend == "auto":
-            upcast = device.type == "cpu" and csr.dtype == np.float32 and np_dtype == np.float64
+            upcast = device.type == "cpu" and csr.dtype == np.float32
             backend = "scipy" if upcast else "torch"
         use_scipy = backend == "scipy"
         self.backend = backend
         self._blocks = None
-        if csr.dtype == np.float32 and np_dtype == np.float64 and use_scipy:
+        if csr.dtype == np.float32 and use_scipy:
             # float32 values (as in most h5ad files) are kept: the products upcast them in
             # row blocks, exactly, instead of holding a float64 copy of the matrix
             self._blocks = row_blocks(csr.indptr, _BLOCK_NNZ)
@@ -170,8 +195,8 @@ class SparseData(DataMatrix):
             self.scipy = csr
         else:
             self.scipy = None
-            self.csr = _torch_csr(csr, dtype, device)
-            self.csr_t = _torch_csr(csr.T.tocsr(), dtype, device)
+            self.csr = _torch_csr(csr, _F64, device)
+            self.csr_t = _torch_csr(csr.T.tocsr(), _F64, device)
         n, p = self.shape
         self.row_sq = torch.as_tensor(row_sums_of_squares(csr), device=device)
         self.col_sq = torch.as_tensor(column_sums_of_squares(csr), device=device)
@@ -196,6 +221,7 @@ class SparseData(DataMatrix):
         )
 
     def matmul(self, b):
+        b = b.to(_F64)
         if self.scipy is None:
             return self.csr @ b
         bn = b.numpy()
@@ -207,6 +233,7 @@ class SparseData(DataMatrix):
         return torch.from_numpy(out)
 
     def rmatmul(self, a):
+        a = a.to(_F64)
         if self.scipy is None:
             return self.csr_t @ a
         an = a.numpy()
@@ -220,6 +247,8 @@ class SparseData(DataMatrix):
 
 #: Stored values per row block when float32 values are upcast inside the products.
 _BLOCK_NNZ = 1 << 21
+#: Entries per row block when dense float32 values are upcast inside the products.
+_DENSE_BLOCK = 1 << 22
 
 
 class OffsetData(DataMatrix):
@@ -234,11 +263,11 @@ class OffsetData(DataMatrix):
             raise ValueError("an implicit offset needs data without missing entries.")
         self.base = base
         self.shape, self.dtype, self.device = base.shape, base.dtype, base.device
-        self.u = u.to(device=base.device, dtype=base.dtype)
-        self.v = v.to(device=base.device, dtype=base.dtype)
-        u64, v64 = self.u.to(_F64), self.v.to(_F64)
-        ytu = base.rmatmul(self.u).to(_F64)  # (P, r)
-        yv = base.matmul(self.v).to(_F64)  # (N, r)
+        self.u = u.to(device=base.device, dtype=_F64)
+        self.v = v.to(device=base.device, dtype=_F64)
+        u64, v64 = self.u, self.v
+        ytu = base.rmatmul(self.u)  # (P, r)
+        yv = base.matmul(self.v)  # (N, r)
         # sum_j (Y - U V^T)_ij^2 = rowsq_i - 2 (Y V)_i . U_i + U_i (V^T V) U_i^T
         self.row_sq = base.row_sq - 2 * (yv * u64).sum(1) + ((u64 @ (v64.T @ v64)) * u64).sum(1)
         self.col_sq = base.col_sq - 2 * (ytu * v64).sum(1) + ((v64 @ (u64.T @ u64)) * v64).sum(1)
@@ -249,7 +278,9 @@ class OffsetData(DataMatrix):
         return self.base.is_sparse
 
     def matmul(self, b):
+        b = b.to(_F64)
         return self.base.matmul(b) - self.u @ (self.v.T @ b)
 
     def rmatmul(self, a):
+        a = a.to(_F64)
         return self.base.rmatmul(a) - self.v @ (self.u.T @ a)

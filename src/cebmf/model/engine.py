@@ -185,9 +185,10 @@ class Engine:
         # moments change (they do not depend on the precisions)
         self._sq: torch.Tensor | None = None
         # Y^T L (P x K, key "factors") and Y F (N x K, key "loadings"), column-wise validity
+        # (float64, as the data operator's products: float32 sums would drown the residual)
         self._cache: dict[str, ProductCache] = {
-            "factors": ProductCache.empty(p, 0, dt, dev),
-            "loadings": ProductCache.empty(n, 0, dt, dev),
+            "factors": ProductCache.empty(p, 0, _F64, dev),
+            "loadings": ProductCache.empty(n, 0, _F64, dev),
         }
 
     # ---- bookkeeping -----------------------------------------------------------------
@@ -322,7 +323,7 @@ class Engine:
             cache = self._cache["factors" if side.name == "loadings" else "loadings"]
             if cache.values is not None and all(cache.valid[k] for k in cols):
                 cache.values = cache.values.index_copy(
-                    1, sel, cache.values.index_select(1, sel) @ t
+                    1, sel, cache.values.index_select(1, sel) @ t.to(cache.values.dtype)
                 )
             else:
                 for k in cols:
@@ -352,9 +353,11 @@ class Engine:
         pre: dict[str, Any] = {"ks": ks}
         if self.masked:
             return pre
-        yw = self._prod(which, o_cols * w_other[:, None])
+        # in float64: the update subtracts L m from Y b, and what is left is the residual
+        b = (o_cols * w_other[:, None]).to(_F64)
+        yw = self._prod(which, b)
         pre["yprod"] = dict(zip(ks, yw.unbind(1), strict=True))
-        pre["m"] = other.mean.T @ (o_cols * w_other[:, None])  # (K, |ks|)
+        pre["m"] = other.mean.to(_F64).T @ b  # (K, |ks|)
         pre["c"] = (w_other[:, None] * other.mean2.index_select(1, cols)).sum(0, dtype=_F64)
         # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
         if self._weight_facts(which)[1]:
@@ -371,7 +374,7 @@ class Engine:
         if stale:
             _, other = self.side(which)
             cols = torch.as_tensor(stale, dtype=torch.long, device=cache.device)
-            cache.writable()[:, cols] = self._prod(which, other.mean.index_select(1, cols))
+            cache.writable()[:, cols] = self._prod(which, other.mean.index_select(1, cols).to(_F64))
             for k in stale:
                 cache.valid[k] = True
         return cache.writable()
@@ -408,10 +411,12 @@ class Engine:
             return x, s
         j = pre["ks"].index(k)
         m_col = pre["m"][:, j]
-        c = pre["c"][j].to(this.mean.dtype)
-        num = pre["yprod"][k] - this.mean @ m_col + this.mean[:, k] * m_col[k]
-        x = num / c
-        s = 1.0 / torch.sqrt(w_this * c)
+        c = pre["c"][j]
+        mean = this.mean.to(_F64)  # the subtraction cancels most of yprod: in float64
+        num = pre["yprod"][k] - mean @ m_col + mean[:, k] * m_col[k]
+        dt = this.mean.dtype
+        x = (num / c).to(dt)
+        s = (1.0 / torch.sqrt(w_this.to(_F64) * c)).to(dt)
         if self._weight_facts(which)[0]:
             s = s[:1]
         return x, s
@@ -531,11 +536,17 @@ class Engine:
     def resid_matmul(self, v: torch.Tensor) -> torch.Tensor:
         """(Y - L F^T) @ v (masked: m * (Y - L F^T)), v of shape (P, r)."""
         if self.masked:
-            return self.resid @ v
-        return self.data.matmul(v) - self.loadings.mean @ (self.factors.mean.T @ v)
+            return self.resid @ v.to(self.resid.dtype)
+        v = v.to(_F64)
+        return self.data.matmul(v) - self.loadings.mean.to(_F64) @ (
+            self.factors.mean.to(_F64).T @ v
+        )
 
     def resid_rmatmul(self, u: torch.Tensor) -> torch.Tensor:
         """(Y - L F^T)^T @ u, u of shape (N, r)."""
         if self.masked:
-            return (u.T @ self.resid).T
-        return self.data.rmatmul(u) - self.factors.mean @ (self.loadings.mean.T @ u)
+            return (u.to(self.resid.dtype).T @ self.resid).T
+        u = u.to(_F64)
+        return self.data.rmatmul(u) - self.factors.mean.to(_F64) @ (
+            self.loadings.mean.to(_F64).T @ u
+        )

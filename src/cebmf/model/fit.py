@@ -183,12 +183,14 @@ def fit_ebmf(
         Maximum backfit sweeps in total (and iterations per greedy factor).
     device, dtype
         ``"auto"`` picks CUDA when available. dtype None: float32 on GPU, float64 on CPU;
-        reductions (ELBO, noise) are float64 either way.
+        the dtype of the moments and the EBNM solvers. Products with Y and reductions
+        (updates' residual projections, ELBO, noise) are float64 either way.
     sparse_backend
         Kernels of the sparse products (see :class:`~cebmf.data.SparseData`): ``"torch"``
         (multi-threaded; holds a transposed copy, so the matrix twice), ``"scipy"`` (CPU
         only, single-threaded, no copy) or ``"auto"`` (``"torch"`` unless the values would
-        need a converted copy, e.g. float32 values with float64 compute).
+        need a converted copy on the CPU: float32 values, since products accumulate in
+        float64).
     random_state
         Seed of the initialisations: an int, None (a fresh seed from the operating system)
         or a numpy random generator (a seed is drawn from it).
