@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_engine.py --cases peer       # the two make_data.py cases
     python benchmarks/bench_engine.py --cases peer --seeds 0,1,2,3,4,5   # seed spread
     python benchmarks/bench_engine.py --cases sparse --sizes 1e4,1e5
+    python benchmarks/bench_engine.py --cases peer --device cuda --dtype float32   # a GPU
 
 Cases (each runs in a fresh subprocess so its peak memory is its own):
 
@@ -112,6 +113,7 @@ def run_case(cfg: dict) -> dict:
     import cebmf
 
     torch.set_num_threads(cfg["threads"])
+    dev = {"device": cfg.get("device", "auto"), "dtype": cfg.get("dtype")}
     if cfg["kind"] == "peer":
         y = scipy.io.mmread(cfg["path"])
         y = y.tocsr() if sp.issparse(y) else np.ascontiguousarray(y)
@@ -122,11 +124,13 @@ def run_case(cfg: dict) -> dict:
         y = sparse_counts(cfg["n"], cfg["p"], 0.05, seed=1)
         opts = {"noise": "column", "max_iter": cfg["max_sweeps"]}
     size = y.data.nbytes + y.indices.nbytes + y.indptr.nbytes if sp.issparse(y) else y.nbytes
-    cebmf.fit_ebmf(np.random.default_rng(0).normal(size=(50, 20)), max_factors=2)  # warm-up
+    warm = np.random.default_rng(0).normal(size=(50, 20))
+    cebmf.fit_ebmf(warm, max_factors=2, **dev)  # warm-up (and CUDA context)
+    _reset_gpu_peak()
     with PeakMemory() as mem:
         start = time.perf_counter()
-        res = cebmf.fit_ebmf(y, max_factors=10, random_state=cfg.get("seed", 0), **opts)
-        seconds = time.perf_counter() - start
+        res = cebmf.fit_ebmf(y, max_factors=10, random_state=cfg.get("seed", 0), **opts, **dev)
+        seconds = time.perf_counter() - start  # the result is on the host: no sync needed
     out = {
         "seconds": seconds,
         "sweeps": res.n_iter,
@@ -139,6 +143,7 @@ def run_case(cfg: dict) -> dict:
         "k": res.n_factors,
         "converged": res.converged,
         "nnz": int(y.nnz) if sp.issparse(y) else int(y.size),
+        "gpu_peak": _gpu_peak(),
     }
     if cfg["kind"] == "sparse" and cfg["pca"]:
         import anndata as ad
@@ -165,11 +170,15 @@ def run_tl_case(cfg: dict) -> dict:
     size = y.data.nbytes + y.indices.nbytes + y.indptr.nbytes
     adata = ad.AnnData(y)
     warm = ad.AnnData(np.random.default_rng(0).poisson(2.0, (60, 30)).astype(np.float32))
-    cebmf.tl.fit(warm, n_factors=2)
+    dev = {"device": cfg.get("device", "auto")}
+    if cfg.get("dtype"):
+        dev["dtype"] = cfg["dtype"]
+    cebmf.tl.fit(warm, n_factors=2, **dev)
     transform = "auto" if raw else None
+    _reset_gpu_peak()
     with PeakMemory() as mem:
         start = time.perf_counter()
-        cebmf.tl.fit(adata, n_factors=10, max_iter=cfg["max_sweeps"], transform=transform)
+        cebmf.tl.fit(adata, n_factors=10, max_iter=cfg["max_sweeps"], transform=transform, **dev)
         seconds = time.perf_counter() - start
     rec = adata.uns["cebmf"]
     return {
@@ -184,7 +193,23 @@ def run_tl_case(cfg: dict) -> dict:
         "k": len(rec["pve"]),
         "converged": bool(rec["converged"]),
         "nnz": int(y.nnz),
+        "gpu_peak": _gpu_peak(),
     }
+
+
+def _reset_gpu_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak() -> int | None:
+    """Peak bytes allocated on the GPU by torch since the last reset (None without CUDA)."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
 def parse_args(argv=None):
@@ -196,6 +221,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="random_state values of the peer cases")
     ap.add_argument("--no-pca", action="store_true", help="skip scanpy's PCA peer")
+    ap.add_argument("--device", default="auto", help="fit_ebmf's device: auto, cpu, cuda")
+    ap.add_argument("--dtype", default=None, help="fit_ebmf's dtype (default: its own)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cebmf-bench"))
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     return ap.parse_args(argv)
@@ -253,21 +280,22 @@ def main(argv=None) -> int:
     print(
         f"cebmf fit_ebmf benchmark | torch {torch.__version__} | {platform.machine()} "
         f"{platform.system()} | {os.cpu_count()} CPUs, {args.threads} threads | "
-        f"load {os.getloadavg()[0]:.2f}"
+        f"load {os.getloadavg()[0]:.2f} | device {args.device}, dtype {args.dtype or 'default'}"
     )
     print(
         "peak_MiB: peak RSS during the fit minus RSS before it; x_sparse: peak / size of "
-        "the sparse matrix (data+indices+indptr)"
+        "the sparse matrix (data+indices+indptr); gpu_MiB: torch's peak GPU allocation"
     )
     head = (
         f"{'case':<16}{'N x P':>14}{'nnz':>11}{'K':>4}{'total_s':>9}{'greedy_s':>9}"
         f"{'sweeps':>7}{'s/sweep':>9}{'peak_MiB':>9}{'x_sparse':>9}{'ELBO':>17}"
-        f"{'ref_ELBO':>17}{'ref_s':>7}{'speedup':>8}{'pca_s':>7}"
+        f"{'ref_ELBO':>17}{'ref_s':>7}{'speedup':>8}{'pca_s':>7}{'gpu_MiB':>8}"
     )
     print(head)
     print("-" * len(head))
     for name, cfg, spec in cases:
         cfg["threads"] = args.threads
+        cfg["device"], cfg["dtype"] = args.device, args.dtype
         cmd = [sys.executable, __file__, "--case", json.dumps(cfg)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
@@ -289,7 +317,7 @@ def main(argv=None) -> int:
             f"{name:<16}{dims:>14}{r['nnz']:>11,}{r['k']:>4}{r['seconds']:>9.2f}"
             f"{r['greedy_s']:>9.2f}{r['sweeps']:>6}{conv:1}{r['per_sweep']:>9.3f}"
             f"{_mib(r['peak']):>9}{ratio:>9}{r['elbo']:>17,.2f}{ref_elbo:>17}{ref_s:>7}"
-            f"{speed:>8}{pca:>7}"
+            f"{speed:>8}{pca:>7}{_mib(r.get('gpu_peak')):>8}"
         )
     print("* backfit stopped at --max-sweeps before converging (time per sweep is exact)")
     return 0
