@@ -72,6 +72,15 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
+def non_numeric_columns(value: Any) -> list[str]:
+    """The names of a pandas DataFrame's non-numeric columns ([] for anything else)."""
+    if not (hasattr(value, "columns") and hasattr(value, "dtypes")):
+        return []
+    return [
+        str(c) for c, d in zip(value.columns, value.dtypes, strict=True) if d.kind not in "biuf"
+    ]
+
+
 def covariate_matrix(
     value: Any, n: int, name: str, rows: str, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -80,15 +89,12 @@ def covariate_matrix(
     covariate; finite, one row per ``rows`` (e.g. "observation", "row of Y")."""
     if sp.issparse(value):
         value = value.toarray()
-    if hasattr(value, "columns") and hasattr(value, "dtypes"):  # a pandas DataFrame
-        bad = [
-            str(c) for c, d in zip(value.columns, value.dtypes, strict=True) if d.kind not in "biuf"
-        ]
-        if bad:
-            raise TypeError(
-                f"{name} has non-numeric column(s) {bad[:5]}; encode them first, e.g. "
-                f"pandas.get_dummies({name}, columns={bad[:5]}, dtype=float)."
-            )
+    bad = non_numeric_columns(value)
+    if bad:
+        raise TypeError(
+            f"{name} has non-numeric column(s) {bad[:5]}; encode them first, e.g. "
+            f"pandas.get_dummies({name}, columns={bad[:5]}, dtype=float)."
+        )
     if isinstance(value, torch.Tensor):
         t = value.detach()
         if t.is_complex():

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .._validation import check_magnitude
+from .._validation import check_magnitude, non_numeric_columns
 from .matrix import DataMatrix, DenseData, SparseData
 
 
@@ -146,13 +146,12 @@ def _as_numeric_array(y: Any, name: str) -> np.ndarray:
     (missing) in a floating copy."""
     if y is None:
         raise TypeError(f"{name} is None; pass the data matrix (numpy, scipy sparse or torch).")
-    if hasattr(y, "dtypes") and hasattr(y, "columns"):  # a DataFrame: name what is not numeric
-        bad = [str(c) for c, dt in zip(y.columns, y.dtypes, strict=True) if dt.kind not in "biuf"]
-        if bad:
-            raise TypeError(
-                f"{name} is a DataFrame with non-numeric column(s) {bad[:5]}; keep the numeric "
-                "columns only (e.g. df.select_dtypes('number'))."
-            )
+    bad = non_numeric_columns(y)
+    if bad:
+        raise TypeError(
+            f"{name} is a DataFrame with non-numeric column(s) {bad[:5]}; keep the numeric "
+            "columns only (e.g. df.select_dtypes('number'))."
+        )
     mask = np.ma.getmaskarray(y) if isinstance(y, np.ma.MaskedArray) else None
     arr = np.asarray(np.ma.getdata(y) if mask is not None else y)
     if arr.dtype == object or arr.dtype.kind not in "biuf":

@@ -171,8 +171,8 @@ class SparseData(DataMatrix):
         if not csr.has_canonical_format:
             csr = csr.copy()  # sorting / summing duplicates must not touch the caller's
             csr.sum_duplicates()
-        # the products accumulate in float64 whatever the compute dtype (see DataMatrix)
-        np_dtype = np.float64
+        # the values are float64 (or float32 upcast in blocks) whatever the compute dtype:
+        # the products accumulate in float64 (see DataMatrix)
         if backend == "auto":
             upcast = device.type == "cpu" and csr.dtype == np.float32
             backend = "scipy" if upcast else "torch"
@@ -183,10 +183,10 @@ class SparseData(DataMatrix):
             # float32 values (as in most h5ad files) are kept: the products upcast them in
             # row blocks, exactly, instead of holding a float64 copy of the matrix
             self._blocks = row_blocks(csr.indptr, _BLOCK_NNZ)
-        elif csr.dtype != np_dtype:
+        elif csr.dtype != np.float64:
             # a converted copy of the values only; indices and indptr are shared
             csr = sp.csr_matrix(
-                (csr.data.astype(np_dtype), csr.indices, csr.indptr), shape=csr.shape
+                (csr.data.astype(np.float64), csr.indices, csr.indptr), shape=csr.shape
             )
         self.shape = (int(csr.shape[0]), int(csr.shape[1]))
         self.dtype, self.device = dtype, device
