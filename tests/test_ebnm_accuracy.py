@@ -254,6 +254,22 @@ def _hand_set_priors() -> list:
     ]
     for g in shifted:
         cases.append(pytest.param(g, id=f"{g['family']}-mode={g['mode']:g}"))
+    # a shift as small as the slab, far below s: the slab's posterior is truncated at
+    # alpha ~ s / scale (up to 1e7) and the sign boundary lies only |mode| / s past it
+    narrow = [
+        {"family": "point_laplace", "mode": 1e-3, "pi0": 0.3, "scale": 1e-3},
+        {"family": "point_exponential", "mode": -1e-3, "pi0": 0.3, "scale": 1e-3},
+        {
+            "family": "generalized_binary",
+            "mode": -1e-3,
+            "pi0": 0.3,
+            "mu": 1e-3,
+            "scale": 1e-3,
+            "ratio": 1.0,
+        },
+    ]
+    for g in narrow:
+        cases.append(pytest.param(g, id=f"{g['family']}-narrow-mode={g['mode']:g}"))
     return cases
 
 
@@ -629,3 +645,128 @@ def test_normal_sign_probs_with_point_masses():
     np.testing.assert_allclose(p_ge[normal], special.ndtr(-z), rtol=1e-12, atol=0)
     np.testing.assert_array_equal(p_le[~normal], [0.0, 1.0, 1.0])  # means 1.0, 0.5, -0.5
     np.testing.assert_array_equal(p_ge[~normal], [1.0, 1.0, 0.0])
+
+
+def test_truncnorm_sign_probs_against_mpmath():
+    """P(theta <= c), P(theta >= c) for N(mean, sd^2) truncated to [0, inf), against
+    60-digit mpmath, relative to each probability's own size, where the truncation point
+    lies far in either tail (alpha = -mean/sd up to 1e7) and the gap d = c/sd to the sign
+    boundary is as small as 1e-12: log Phi differences of size alpha^2/2 cancel there."""
+    import mpmath as mp
+    import torch
+
+    from cebmf._math import truncnorm_sign_probs
+
+    mp.mp.dps = 60
+    alpha = np.array([-1e4, -50.0, -20.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 5.0, 50.0, 1e4, 1e7])
+    gap = np.array([1e-12, 1e-7, 1e-3, 0.3, 2.0])
+    a, d = (v.ravel() for v in np.meshgrid(alpha, gap))
+    c = 0.5
+    sd = c / d
+    mean = -a * sd
+    p_le, p_ge = (
+        t.numpy() for t in truncnorm_sign_probs(torch.tensor(mean), torch.tensor(sd), 0.0, c)
+    )
+
+    def upper(t):
+        return mp.erfc(t / mp.sqrt(2)) / 2
+
+    for i in range(a.size):
+        lo, hi = -mp.mpf(mean[i]) / mp.mpf(sd[i]), (c - mp.mpf(mean[i])) / mp.mpf(sd[i])
+        ge = upper(hi) / upper(lo)
+        if lo >= 0:
+            le = 1 - ge
+        else:  # P(lo <= Z <= hi), from the tail on the side where both points lie
+            le = (upper(-hi) - upper(-lo) if hi <= 0 else 1 - upper(hi) - upper(-lo)) / upper(lo)
+        for got, want in ((p_le[i], float(le)), (p_ge[i], float(ge))):
+            # exact zero below ~1e-217 (flushed, as everywhere in cebmf)
+            tol = 1e-12 * want if want > 1e-200 else 1e-200
+            assert abs(got - want) <= tol, (a[i], d[i], got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# The normal prior: exact maximum-likelihood sigma
+# ---------------------------------------------------------------------------------------
+def _normal_loglik(tau: float, x: np.ndarray, s: np.ndarray) -> float:
+    v = s * s + tau
+    return float(-0.5 * np.sum(np.log(2 * np.pi * v) + x * x / v))
+
+
+def _normal_mle_reference(x: np.ndarray, s: np.ndarray) -> float:
+    """argmax over tau = sigma^2 >= 0 of the exact log-likelihood: every local maximum of
+    a dense geometric grid of tau, refined by brentq on l'(tau) = 0 to the rounding level
+    (tau = 0 when l'(0) <= 0 there), the best kept."""
+
+    def slope(tau: float) -> float:
+        v = s * s + tau
+        return float(np.sum((x * x / v - 1.0) / v))
+
+    hi = float(np.max(x * x - s * s))
+    if hi <= 0:
+        return 0.0
+    grid = np.concatenate([[0.0], np.geomspace(1e-6 * np.min(s * s), hi, 3000)])
+    vals = np.array([_normal_loglik(t, x, s) for t in grid])
+    best, best_val = 0.0, vals[0]
+    for j in range(grid.size):
+        if vals[j] < vals[max(j - 1, 0)] or vals[j] < vals[min(j + 1, grid.size - 1)]:
+            continue
+        a, b = grid[max(j - 1, 0)], grid[min(j + 1, grid.size - 1)]
+        if slope(a) > 0 > slope(b):
+            t = optimize.brentq(slope, a, b, xtol=1e-300, rtol=4 * np.finfo(float).eps)
+        else:
+            t = grid[j]
+        if _normal_loglik(t, x, s) > best_val:
+            best, best_val = t, _normal_loglik(t, x, s)
+    return best
+
+
+def test_normal_prior_is_the_closed_form_with_one_standard_error():
+    """One s for all: sigma^2 = mean(x^2) - s^2 exactly; posterior N(q x, q s^2)."""
+    rng = np.random.default_rng(5)
+    for x, s in [(np.array([4.0, 6.0]), 1.0), (rng.normal(0, 3, 1000), 0.7)]:
+        res = cebmf.ebnm(x, s, "normal")
+        tau = np.mean(x * x) - s * s
+        assert res.g["scale"] == pytest.approx(math.sqrt(tau), rel=1e-14, abs=0)
+        q = tau / (tau + s * s)
+        np.testing.assert_allclose(res.mean, q * x, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(res.sd, math.sqrt(q) * s, rtol=1e-13, atol=0)
+        assert res.loglik == pytest.approx(_normal_loglik(tau, x, np.full(x.size, s)), rel=1e-14)
+
+
+@pytest.mark.parametrize("mode", [0.0, 0.3])
+@pytest.mark.parametrize("hetero", [False, True])
+def test_normal_prior_sigma_zero_is_a_point_mass_at_the_mode(mode, hetero):
+    """Data less spread than their noise: the MLE is sigma = 0 (checked independently),
+    the prior the point mass at the mode: mean = mode, sd = 0 exactly, loglik that of
+    N(mode, s^2), lfsr 1 at mode 0 (P(theta <= 0) = P(theta >= 0) = 1) and 0 above."""
+    rng = np.random.default_rng(6)
+    s = rng.uniform(0.9, 1.1, 300) if hetero else np.ones(300)
+    x = mode + rng.normal(0, 0.5, 300)
+    assert _normal_mle_reference(x - mode, s) == 0.0
+    res = cebmf.ebnm(x, s if hetero else 1.0, "normal", mode=mode)
+    assert res.g["scale"] == 0.0
+    np.testing.assert_array_equal(res.mean, np.full(x.size, mode))
+    np.testing.assert_array_equal(res.sd, np.zeros(x.size))
+    np.testing.assert_array_equal(res.lfsr, np.full(x.size, 1.0 if mode == 0 else 0.0))
+    assert res.loglik == pytest.approx(_normal_loglik(0.0, x - mode, s), rel=1e-14)
+    # the fitted g is a valid g_init (scale 0) and reproduces the fit
+    again = cebmf.ebnm(x, s, "normal", mode=mode, g_init=res.g, fix_g=True)
+    assert again.loglik == res.loglik
+
+
+def test_normal_prior_with_varying_standard_errors_is_exact():
+    """Varying s: sigma^2 to 1e-12 relative of an independent brentq root of l'(sigma^2),
+    including profiles with two local maxima (a few wide observations pulling sigma^2 up,
+    many precise ones near zero pulling it down, either side winning)."""
+    rng = np.random.default_rng(7)
+    s = rng.uniform(0.2, 3.0, 200)
+    cases = [(rng.normal(size=200) * np.sqrt(4.0 + s * s), s)]
+    wide = np.array([-10.0, 9.0, 11.0, -12.0, 8.5])
+    for nb in (55, 60):
+        precise = 0.03 * np.tile([1.0, -1.3, 0.8, -0.9, 1.2], 12)[:nb]
+        cases.append((np.r_[wide, precise], np.r_[np.ones(5), np.full(nb, 0.01)]))
+    for x, s in cases:
+        tau_ref = _normal_mle_reference(x, s)
+        res = cebmf.ebnm(x, s, "normal")
+        assert res.g["scale"] ** 2 == pytest.approx(tau_ref, rel=1e-12)
+        assert res.loglik >= _normal_loglik(tau_ref, x, s) - 1e-12 * x.size

@@ -393,3 +393,111 @@ def test_ebnm_refuses_magnitudes_its_arithmetic_cannot_hold(x, s, dtype, match):
     with pytest.raises(ValueError, match=match) as err:
         cebmf.ebnm(xs, torch.full((3,), s, dtype=dtype), "point_normal")
     assert "rescale x and s together" in str(err.value)
+
+
+def test_prior_instance_uses_its_own_mode():
+    """A Prior instance with mode 2 needs no mode= (the default means "the instance's");
+    the fit is the point-normal MLE around 2: its loglik is the independent closed form
+    at the returned g, and a name with mode=2.0 gives the same fit."""
+    x = np.array([2.5, 1.0, 4.0, 2.0, 7.0, 2.2])
+    prior = get_prior("point_normal", mode=2.0)
+    res = cebmf.ebnm(x, 1.0, prior)
+    g = res.g
+    assert g["mode"] == 2.0
+    d = x - 2.0
+    v = 1.0 + g["scale"] ** 2
+    dens = g["pi0"] * np.exp(-0.5 * d * d) / math.sqrt(2 * math.pi) + (1 - g["pi0"]) * np.exp(
+        -0.5 * d * d / v
+    ) / math.sqrt(2 * math.pi * v)
+    assert res.loglik == pytest.approx(float(np.sum(np.log(dens))), rel=1e-13)
+    by_name = cebmf.ebnm(x, 1.0, "point_normal", mode=2.0)
+    assert by_name.loglik == pytest.approx(res.loglik, rel=1e-13)
+    assert cebmf.ebnm(x, 1.0, prior, mode=2.0).loglik == res.loglik  # the same mode: fine
+    with pytest.raises(ValueError, match=r"mode=0.0 was given but the prior instance has mode"):
+        cebmf.ebnm(x, 1.0, prior, mode=0.0)
+    # a name without mode= is centred at 0
+    assert cebmf.ebnm(x, 1.0, "point_normal").g["mode"] == 0.0
+
+
+_PN = {"family": "point_normal", "mode": 0.0}
+_ASH = {"family": "normal_scale_mixture", "mode": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("prior", "kwargs", "match"),
+    [
+        ("point_normal", {"mode": "estimate"}, r"mode='estimate' .*estimating the mode is not"),
+        ("point_normal", {"mode": [1.0]}, r"mode must be a finite number, got list"),
+        ("point_normal", {"mode": True}, r"mode must be a finite number, got True"),
+        ("point_normal", {"mode": math.nan}, r"mode must be a finite number, got nan"),
+        ("point_normal", {"g_init": {**_PN, "pi0": 0.5}}, r"g_init lacks the key\(s\) \['scale'\]"),
+        (
+            "point_normal",
+            {"g_init": {**_PN, "scale": 1.0}, "fix_g": True},
+            r"g_init lacks the key\(s\) \['pi0'\]",
+        ),
+        ("normal", {"g_init": {"family": "normal"}}, r"g_init lacks the key\(s\) \['scale'\]"),
+        (
+            "point_laplace",
+            {"g_init": {"family": "point_laplace", "scale": 1.0}},
+            r"g_init lacks the key\(s\) \['pi0'\]",
+        ),
+        (
+            "generalized_binary",
+            {"g_init": {"family": "generalized_binary", "pi0": 0.5, "scale": 0.1}},
+            r"g_init lacks the key\(s\) \['mu'\]",
+        ),
+        (
+            "ash",
+            {"g_init": {**_ASH, "scale": [0.0, 1.0, 2.0]}, "fix_g": True},
+            r"g_init lacks the key\(s\) \['pi'\]",
+        ),
+        (
+            "ash",
+            {"g_init": {**_ASH, "pi": [np.inf, 0.5, 0.5], "scale": [0, 1, 2]}, "fix_g": True},
+            r"g_init\['pi'\] must be finite",
+        ),
+        (
+            "ash",
+            {"g_init": {**_ASH, "pi": [np.nan, 0.5, 0.5], "scale": [0, 1, 2]}},
+            r"g_init\['pi'\] must be finite",
+        ),
+        (
+            "ash",
+            {"g_init": {**_ASH, "pi": [-0.5, 1.0, 0.5], "scale": [0, 1, 2]}, "fix_g": True},
+            r"g_init\['pi'\] must be >= 0",
+        ),
+        (
+            "ash",
+            {"g_init": {**_ASH, "pi": [0.0, 0.0], "scale": [0, 1]}, "fix_g": True},
+            r"g_init\['pi'\] must have a positive sum",
+        ),
+        (
+            "nonnegative_mixture",
+            {
+                "g_init": {"family": "nonnegative_mixture", "pi": [0.5, 0.5], "scale": [0, 1, 2]},
+                "fix_g": True,
+            },
+            r"g_init\['pi'\] has 2 weight\(s\) but g_init\['scale'\] has 3",
+        ),
+        (
+            "point_normal",
+            {"g_init": {**_PN, "pi0": "a", "scale": 1.0}},
+            r"g_init\['pi0'\] must be real",
+        ),
+        ("point_normal", {"g_init": {**_PN, "pi0": math.nan, "scale": 1.0}}, r"g_init\['pi0'\]"),
+        ("point_normal", {"g_init": {**_PN, "pi0": 0.5, "scale": -1.0}}, r"g_init\['scale'\]"),
+        ("point_normal", {"state": {"pi0_eta": (2.0, 0.0)}}, r"state\['pi0_eta'\] must be"),
+    ],
+)
+def test_bad_g_init_mode_and_state_name_the_argument(prior, kwargs, match):
+    """Each refused before any computation with an error naming the argument (and key)."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        cebmf.ebnm(np.array([1.0, -2.0, 0.5]), 1.0, prior, **kwargs)
+
+
+def test_mode_none_means_the_default_and_prior_refuses_it():
+    x = np.array([1.0, -2.0, 0.5])
+    assert cebmf.ebnm(x, 1.0, "point_normal", mode=None).g["mode"] == 0.0
+    with pytest.raises(TypeError, match=r"mode must be a finite number, got None"):
+        get_prior("point_normal", mode=None)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._validation import observations_and_se
+from ._validation import check_mode, observations_and_se
 from .priors.base import EBNMResult, Prior, get_prior
 
 
@@ -15,7 +15,7 @@ def ebnm(
     s: Any = 1.0,
     prior: str | Prior = "point_normal",
     *,
-    mode: float = 0.0,
+    mode: float | None = None,
     covariates: Any = None,
     g_init: dict[str, Any] | None = None,
     fix_g: bool = False,
@@ -42,13 +42,22 @@ def ebnm(
         ``normal_scale_mixture`` (alias ``ash``), ``nonnegative_mixture``,
         ``generalized_binary``, ``flat``) or a :class:`cebmf.priors.Prior` instance.
     mode
-        Location of the prior's mode (point mass / centre / lower end), fixed.
+        Location of the prior's mode (point mass / centre / lower end), fixed: a finite
+        number (estimating the mode is not supported). None (the default) means 0 for a
+        family name and the instance's own mode for a :class:`~cebmf.priors.Prior`
+        instance; a number given with an instance must equal its mode.
     covariates
         (n, d) covariates of the observations, for the covariate-moderated families
         (``cash``, ``emdn``, ``spiked_emdn``, ``cgb``).
     g_init
-        A fitted prior (``result.g``) of the same family: the starting point of the fit,
-        or with ``fix_g=True`` the prior under which posteriors are computed.
+        A fitted prior (``result.g``) of the same family and mode, or with ``fix_g=True``
+        the prior under which posteriors are computed. For the parametric families it is
+        the starting point of the fit. For the fixed-grid mixtures
+        (``normal_scale_mixture``, ``nonnegative_mixture``) it also fixes the grid: the
+        weights are refitted on ``g_init['scale']`` (as in R's ebnm), so components it
+        lacks cannot be added; pass ``state`` instead to warm-start on a fresh grid.
+        Checked before any computation: missing keys or invalid values (e.g. weights
+        that are negative, infinite or NaN) raise an error that names them.
     fix_g
         Compute posteriors under ``g_init`` without refitting.
     state
@@ -79,14 +88,14 @@ def ebnm(
                 f"options {sorted(prior_options)} were given with a Prior instance; set them "
                 "when constructing the prior instead."
             )
-        if float(mode) != prior.mode:
+        if mode is not None and check_mode(mode) != prior.mode:
             raise ValueError(
                 f"mode={mode} was given but the prior instance has mode={prior.mode}; "
-                "set the mode on the instance."
+                "leave mode out (the instance's mode is used) or set it on the instance."
             )
         fam = prior
     else:
-        fam = get_prior(prior, mode=mode, **prior_options)
+        fam = get_prior(prior, mode=0.0 if mode is None else check_mode(mode), **prior_options)
     with torch.no_grad():
         res = fam.fit(xt, st, covariates, state=state, g_init=g_init, fix_g=fix_g)
     if was_numpy:

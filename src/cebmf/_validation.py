@@ -72,6 +72,41 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
+def check_mode(mode: Any, name: str = "mode") -> float:
+    """``mode`` (a prior's fixed location) as a finite float, or a clear error naming it.
+
+    Only a fixed mode is supported: a string such as ``"estimate"`` (R ebnm's
+    ``mode = "estimate"``) or None is refused with a message that says so.
+    """
+    not_estimated = (
+        "estimating the mode is not supported; pass a fixed number (e.g. the median of x, or 0)"
+    )
+    if isinstance(mode, str):
+        raise ValueError(f"{name}={mode!r} is not a number: {not_estimated}.")
+    if mode is None or isinstance(mode, bool | np.bool_):
+        raise TypeError(f"{name} must be a finite number, got {mode!r}; {not_estimated}.")
+    try:
+        value = float(mode)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a finite number, got {type(mode).__name__}; {not_estimated}."
+        ) from None
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+    return value
+
+
+def real_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a float64 numpy array (any shape), or a TypeError naming ``name``
+    when it is not real numbers (strings, None, complex, objects)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be real numbers, got {value!r}.")
+    return arr.astype(np.float64)
+
+
 def non_numeric_columns(value: Any) -> list[str]:
     """The names of a pandas DataFrame's non-numeric columns ([] for anything else)."""
     if not (hasattr(value, "columns") and hasattr(value, "dtypes")):
@@ -189,3 +224,10 @@ def observations_and_se(x: Any, s: Any) -> tuple[torch.Tensor, torch.Tensor, boo
     which = "s's largest value" if too_big else "s's smallest value"
     check_magnitude(s_max if too_big else s_min, xt.dtype, which, together)
     return xt, st, was_numpy
+
+
+def shortlist(items, n: int = 10) -> str:
+    """The first ``n`` items quoted, and how many there are in all, for error messages."""
+    items = [str(i) for i in items]
+    shown = ", ".join(repr(i) for i in items[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")

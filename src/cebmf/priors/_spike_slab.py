@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .._math import exp_flushed, log_normal_pdf, point_sign_probs
+from .._validation import real_array
 from ._posterior import summarize
 from .base import EBNMResult, Prior
 
@@ -65,6 +66,7 @@ class SpikeSlabPrior(Prior):
     """
 
     has_spike: ClassVar[bool] = True
+    g_keys: ClassVar[tuple[str, ...]] = ("pi0", "scale")
     #: E_slab[theta^2] = slab_m2 * exp(2 eta), used for the moment-based start.
     slab_m2: ClassVar[float] = 1.0
 
@@ -125,9 +127,21 @@ class SpikeSlabPrior(Prior):
             if g_init is not None:
                 warm.append(start)
             if state is not None and "pi0_eta" in state:
-                warm.append(tuple(state["pi0_eta"]))
+                warm.append(self._theta_from_state(state["pi0_eta"]))
             theta = self._optimise(data, warm)
         return self._result(data, theta)
+
+    def _theta_from_state(self, value: Any) -> tuple[float, float]:
+        """``state['pi0_eta']`` of an earlier fit, checked: pi0 in [0, 1], eta < inf."""
+        theta = real_array(value, "state['pi0_eta']").ravel()
+        # eta = -inf: a slab of scale 0 (the normal prior's sigma = 0)
+        ok = theta.size == 2 and 0 <= theta[0] <= 1 and -math.inf <= theta[1] < math.inf
+        if not ok:
+            raise ValueError(
+                f"state['pi0_eta'] must be (pi0 in [0, 1], log scale < inf), got {value!r}; "
+                "pass the `state` of an earlier fit of this family."
+            )
+        return float(theta[0]), float(theta[1])
 
     def _theta_from_g(self, g: dict[str, Any]) -> tuple[float, float]:
         if not self.has_spike:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .._threads import threads_for
-from .._validation import covariate_matrix
+from .._validation import check_mode, covariate_matrix, real_array
 
 
 @dataclass
@@ -74,12 +74,11 @@ class Prior(ABC):
     nonnegative: ClassVar[bool] = False
     #: True for covariate-moderated families.
     uses_covariates: ClassVar[bool] = False
+    #: Keys (besides ``family`` and ``mode``) that a ``g`` of this family must hold.
+    g_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, mode: float = 0.0) -> None:
-        mode = float(mode)
-        if not np.isfinite(mode):
-            raise ValueError(f"mode must be a finite number, got {mode!r}.")
-        self.mode = mode
+        self.mode = check_mode(mode)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode})"
@@ -147,7 +146,8 @@ class Prior(ABC):
     ) -> EBNMResult: ...
 
     def check_g(self, g: dict[str, Any], argname: str = "g") -> None:
-        """Raise a clear error unless ``g`` is a fitted prior of this family with this mode."""
+        """Raise a clear error unless ``g`` is a fitted prior of this family with this mode,
+        holding the family's keys (:attr:`g_keys`) with valid values."""
         if not isinstance(g, dict) or "family" not in g:
             raise TypeError(
                 f"{argname} must be the `g` dict of an earlier fit (with a 'family' key), "
@@ -158,11 +158,55 @@ class Prior(ABC):
                 f"{argname} is a {g['family']!r} prior but the prior family is {self.name!r}; "
                 f"pass a g of family {self.name!r} or change the prior."
             )
-        g_mode = float(g.get("mode", 0.0))
+        g_mode = check_mode(g.get("mode", 0.0), f"{argname}['mode']")
         if g_mode != self.mode:
             raise ValueError(
                 f"{argname} has mode {g_mode} but mode={self.mode} was requested; "
                 f"pass mode={g_mode} or a g_init with mode {self.mode}."
+            )
+        missing = [k for k in self._required_g_keys() if k not in g]
+        if missing:
+            raise ValueError(
+                f"{argname} lacks the key(s) {missing} of a {self.name!r} prior (it has "
+                f"{sorted(g)}); pass the `g` of an earlier fit of this family."
+            )
+        if not self.uses_covariates:
+            _check_g_values(g, argname)
+
+    def _required_g_keys(self) -> tuple[str, ...]:
+        """:attr:`g_keys`; the fixed-grid mixtures need their weights and scales."""
+        if self.g_keys:
+            return self.g_keys
+        from ._mixture import MixturePrior  # here: that module imports this one
+
+        return ("pi", "scale") if isinstance(self, MixturePrior) else ()
+
+
+def _check_g_values(g: dict[str, Any], argname: str) -> None:
+    """Clear errors for a plain family's standard entries of ``g`` that are present:
+    ``pi0`` in [0, 1], ``mu`` > 0 and ``scale`` >= 0 finite reals; a mixture's ``pi``
+    finite non-negative weights with a positive sum, one per ``scale``."""
+    entries = {
+        k: real_array(g[k], f"{argname}[{k!r}]") for k in ("pi0", "mu", "scale", "pi") if k in g
+    }
+    for key, arr in entries.items():
+        name = f"{argname}[{key!r}]"
+        if arr.size == 0 or not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} must be finite (and non-empty), got {g[key]!r}.")
+        if key == "pi0" and not np.all((arr >= 0) & (arr <= 1)):
+            raise ValueError(f"{name} must be in [0, 1], got {g[key]!r}.")
+        if key == "mu" and not np.all(arr > 0):
+            raise ValueError(f"{name} must be positive, got {g[key]!r}.")
+        if key in ("scale", "pi") and not np.all(arr >= 0):
+            raise ValueError(f"{name} must be >= 0, got {g[key]!r}.")
+    if "pi" in entries:
+        pi = entries["pi"]
+        if not pi.sum() > 0:
+            raise ValueError(f"{argname}['pi'] must have a positive sum, got {g['pi']!r}.")
+        if "scale" in entries and pi.size != entries["scale"].size:
+            raise ValueError(
+                f"{argname}['pi'] has {pi.size} weight(s) but {argname}['scale'] has "
+                f"{entries['scale'].size} scale(s); give one weight per scale."
             )
 
 

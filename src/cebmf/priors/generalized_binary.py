@@ -1,8 +1,10 @@
-"""``generalized_binary``: theta ~ pi0 delta_mode + (1 - pi0) TN_+(mu, (r mu)^2).
+"""``generalized_binary``: theta ~ pi0 delta_mode + (1 - pi0) (mode + TN_+(mu, (r mu)^2)).
 
-The slab is N(mu, sigma^2), sigma = r mu, truncated to [0, inf) (r fixed, 0.1 by default).
-Its marginal is N(x; mu, s^2 + sigma^2) Phi(m / sqrt(v)) / Phi(1 / r) and its posterior
-N(m, v) truncated to [0, inf), with m = (x sigma^2 + mu s^2) / (sigma^2 + s^2) and
+Everything below is in the centred variable theta - mode (x means x - mode). The slab is
+N(mu, sigma^2), sigma = r mu, truncated to [0, inf) (r fixed, 0.1 by default), so theta
+itself is N(mode + mu, sigma^2) truncated to [mode, inf). Its marginal is
+N(x; mu, s^2 + sigma^2) Phi(m / sqrt(v)) / Phi(1 / r) and its posterior N(m, v)
+truncated to [0, inf), with m = (x sigma^2 + mu s^2) / (sigma^2 + s^2) and
 v = sigma^2 s^2 / (sigma^2 + s^2).
 """
 
@@ -26,14 +28,16 @@ from .base import register_prior
 
 @register_prior
 class GeneralizedBinary(SpikeSlabPrior):
-    """``generalized_binary``: pi0 delta_mode + (1 - pi0) N(mu, (r mu)^2) truncated to
-    [mode, inf), r = ``ratio`` (fixed). pi0 and mu are fitted.
+    """``generalized_binary``: pi0 delta_mode + (1 - pi0) (mode + TN_+(mu, (r mu)^2)), with
+    TN_+ a normal truncated to [0, inf): theta - mode ~ N(mu, (r mu)^2) restricted to
+    theta >= mode. r = ``ratio`` (fixed); pi0 and mu (measured from the mode) are fitted.
 
     ``g`` holds ``pi0``, ``mu``, ``scale`` (sigma = r mu), ``ratio`` and ``mode``.
     """
 
     name = "generalized_binary"
     nonnegative = True
+    g_keys = ("pi0", "mu")
 
     def __init__(self, mode: float = 0.0, *, ratio: float = 0.1, max_iter: int = 100) -> None:
         super().__init__(mode, max_iter=max_iter)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._math import exp_any, log_normal_pdf, normal_sign_probs
-from ._spike_slab import SpikeSlabPrior
-from .base import register_prior
+from ._spike_slab import SpikeSlabPrior, _Data
+from .base import EBNMResult, register_prior
 
 
 class _NormalSlab(SpikeSlabPrior):
@@ -55,11 +56,123 @@ class _NormalSlab(SpikeSlabPrior):
 class Normal(_NormalSlab):
     """``normal``: theta ~ N(mode, sigma^2), sigma fitted by maximum marginal likelihood.
 
-    ``g`` holds ``scale`` (sigma) and ``mode``.
+    ``g`` holds ``scale`` (sigma) and ``mode``. With tau = sigma^2 the log-likelihood is
+    ``l(tau) = -1/2 sum_i [log 2 pi + log(s_i^2 + tau) + x_i^2 / (s_i^2 + tau)]`` (x
+    centred at the mode), maximised over tau >= 0:
+
+    * one s for all: ``tau = max(0, mean(x^2) - s^2)``, exactly;
+    * varying s: l can have several local maxima, all in [0, max_i(x_i^2 - s_i^2)]; they
+      are located on a geometric grid of tau (ratio 2, from 0.01 min s_i^2) and each is
+      refined by Newton steps on l'(tau) = 0 safeguarded by bisection, to machine
+      precision; the best is kept (and tau = 0 when l'(0) <= 0 wins).
+
+    sigma = 0 is the point mass at the mode: posterior mean = mode, sd = 0, lfsr 1 at
+    mode 0 (else 0) and log-likelihood that of N(mode, s^2).
     """
 
     name = "normal"
     has_spike = False
+    g_keys = ("scale",)
+
+    def _fit(self, x, s, *, covariates=None, state, g_init, fix_g) -> EBNMResult:
+        xs = x - self.mode if self.mode != 0.0 else x
+        data = _Data(xs, s, None, x.numel())
+        if fix_g:
+            tau = self._g_to_tau(g_init)
+        else:
+            warm = []
+            if g_init is not None:
+                warm.append(self._g_to_tau(g_init))
+            if state is not None and "pi0_eta" in state:
+                eta = self._theta_from_state(state["pi0_eta"])[1]
+                warm.append(math.exp(min(2.0 * eta, 700.0)))
+            tau = _normal_mle(xs, s, warm)
+        eta = 0.5 * math.log(tau) if tau > 0 else -math.inf
+        return self._result(data, (0.0, eta))
+
+    @staticmethod
+    def _g_to_tau(g: dict[str, Any]) -> float:
+        scale = float(g["scale"])
+        if not (scale >= 0 and math.isfinite(scale)):
+            raise ValueError(f"g_init['scale'] must be a finite number >= 0, got {scale}.")
+        return scale * scale
+
+
+def _normal_mle(x: torch.Tensor, s: torch.Tensor, warm: list[float]) -> float:
+    """argmax over tau >= 0 of sum_i log N(x_i; 0, s_i^2 + tau) (see :class:`Normal`)."""
+    x2 = x.to(torch.float64).square()
+    s2 = s.to(torch.float64).square()
+    if s2.numel() == 1 or bool((s2 == s2[0]).all()):
+        return max(0.0, (x2.mean() - s2[0]).item())
+    s2 = s2.expand_as(x2)
+    tau_hi, s2_min = torch.stack([(x2 - s2).max(), s2.min()]).tolist()
+    if not tau_hi > 0:  # l'(tau) < 0 for every tau > 0
+        return 0.0
+
+    def value(taus: list[float]) -> list[float]:
+        t = torch.tensor(taus, dtype=torch.float64, device=x2.device)
+        out = torch.empty_like(t)
+        step = max(1, (1 << 20) // x2.numel())
+        for i in range(0, t.numel(), step):
+            v = s2 + t[i : i + step, None]
+            out[i : i + step] = -0.5 * (torch.log(v) + x2 / v).sum(1)
+        return out.tolist()
+
+    def slope(tau: float) -> tuple[float, float]:
+        """2 l'(tau), 2 l''(tau)."""
+        w = 1.0 / (s2 + tau)
+        r = x2 * w
+        return torch.stack([((r - 1.0) * w).sum(), ((1.0 - 2.0 * r) * w * w).sum()]).tolist()
+
+    tau_lo = min(0.01 * s2_min, 1e-3 * tau_hi)
+    m = int(min(max(math.ceil(math.log2(tau_hi / tau_lo)) + 1, 8), 120))
+    grid = sorted({0.0, *np.geomspace(tau_lo, tau_hi, m).tolist(), *(t for t in warm if t >= 0)})
+    vals = value(grid)
+    cands = []
+    for j, fj in enumerate(vals):
+        left = vals[j - 1] if j > 0 else -math.inf
+        right = vals[j + 1] if j + 1 < len(vals) else -math.inf
+        if fj >= left and fj >= right:
+            lo, hi = grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)]
+            cands.append(_refine_root(slope, lo, hi, grid[j]))
+    best = max(cands, key=lambda t: value([t])[0])
+    return best
+
+
+def _refine_root(slope, lo: float, hi: float, start: float) -> float:
+    """A local maximiser of l near ``start`` (a grid point at least as high as its
+    neighbours ``lo`` and ``hi``), from ``slope`` (2 l', 2 l''): ``start`` itself when it
+    is 0 and l'(0) <= 0, else the root of l' on the side of ``start`` where l rises, by
+    Newton steps kept inside the bracket (bisection otherwise, geometric when the bracket
+    spans decades), until the step or the bracket reaches the rounding level of tau."""
+    eps = float(np.finfo(np.float64).eps)
+    d1, d2 = slope(start)
+    if d1 == 0 or (d1 < 0 and start == lo):
+        return start
+    if d1 > 0:
+        lo = start
+        if hi == start or slope(hi)[0] >= 0:
+            return hi
+    else:
+        hi = start
+        if slope(lo)[0] <= 0:
+            return start
+    tau = start
+    for _ in range(200):
+        new = tau - d1 / d2 if d2 < 0 else math.nan
+        if not lo < new < hi:
+            new = math.sqrt(lo * hi) if lo > 0 and hi > 4.0 * lo else 0.5 * (lo + hi)
+        if abs(new - tau) <= 2.0 * eps * tau or hi - lo <= 4.0 * eps * hi:
+            return new
+        tau = new
+        d1, d2 = slope(tau)
+        if d1 == 0:
+            return tau
+        if d1 > 0:
+            lo = tau
+        else:
+            hi = tau
+    return tau
 
 
 @register_prior
