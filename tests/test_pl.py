@@ -310,6 +310,16 @@ def test_structure_heatmap_values_are_group_means(adata, tmp_path):
     assert_unchanged(adata, before)
 
 
+def test_structure_by_a_boolean_column(adata):
+    b = adata.copy()
+    b.obs["even"] = np.arange(b.n_obs) % 2 == 0
+    a = pl.structure(b, "even", show=False)
+    L = b.obsm["X_cebmf"]
+    expected = np.stack([L[1::2].mean(0), L[::2].mean(0)])  # False, then True
+    np.testing.assert_allclose(np.asarray(a.images[0].get_array()), expected)
+    assert [t.get_text() for t in a.get_yticklabels()] == ["False", "True"]
+
+
 def test_structure_bars(adata, fitted_priors, tmp_path):
     nonneg = make_adata(fitted_priors, nonnegative=True)
     before = snapshot(nonneg)

@@ -180,10 +180,16 @@ def test_mask_var_gives_full_length_outputs_with_zero_rows(counts):
     hv[::2] = True
     a.var["highly_variable"] = hv
     cebmf.tl.fit(a, **FAST)  # highly_variable is the default mask
-    f = a.varm["cebmf_factors"]
-    assert np.all(f[~hv] == 0)
-    assert np.all(a.varm["cebmf_factors_lfsr"][~hv] == 1)
+    for name in ("cebmf_factors", "cebmf_factors_sd", "cebmf_factors_lfsr"):
+        assert np.all(a.varm[name][~hv] == 0)  # zero rows, as DESIGN.md and PCA
     assert np.all(a.uns["cebmf"]["var_mask"] <= hv)
+    assert a.uns["cebmf"]["params"]["mask_var"] == "highly_variable"
+    # as scanpy: mask_var=None fits every gene, even with a highly_variable column
+    cebmf.tl.fit(a, mask_var=None, key_added="all", **FAST)
+    assert a.uns["all"]["var_mask"].all() and a.uns["all"]["params"]["mask_var"] is None
+    a.var["highly_variable"] = False
+    with pytest.raises(ValueError, match=r"selects no genes \(adata.var\['highly_variable'\]"):
+        cebmf.tl.fit(a, **FAST)
 
 
 def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
@@ -204,7 +210,11 @@ def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
     assert mdata["atac"].varm["cebmf_factors"].shape == (120, k)
     pve = mdata.uns["cebmf"]["pve_by_mod"]
     assert set(pve) == {"rna", "atac"} and all(v.shape == (k,) for v in pve.values())
-    assert mdata.uns["cebmf"]["params"]["transform"] == {"rna": "log1p_normalize", "atac": "tfidf"}
+    params = mdata.uns["cebmf"]["params"]
+    assert params["transform"] == {"rna": "log1p_normalize", "atac": "tfidf"}
+    assert params["mask_var"] == {"rna": None, "atac": None}  # no highly_variable column
+    assert params["size_factors"] == {"rna": None, "atac": None}
+    assert mdata.uns["cebmf"]["obs_mask"].all()
     mdata.write_h5mu(tmp_path / "m.h5mu")
     back = md.read_h5mu(tmp_path / "m.h5mu")
     np.testing.assert_array_equal(back.obsm["X_cebmf"], mdata.obsm["X_cebmf"])
@@ -215,6 +225,14 @@ def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
     other = md.MuData({"rna": counts.copy(), "atac": atac[:-5].copy()})
     with pytest.raises(ValueError, match="does not have the MuData's cells"):
         cebmf.tl.fit(other, **FAST)
+    # a dense modality with missing values cannot join a sparse one: named, before fitting
+    prot = np.log1p(rng.poisson(2.0, (counts.n_obs, 8)).astype(float))
+    prot[0, 0] = np.nan
+    mixed = md.MuData(
+        {"rna": counts.copy(), "prot": ad.AnnData(prot, obs=pd.DataFrame(index=counts.obs_names))}
+    )
+    with pytest.raises(ValueError, match=r"\[prot\] has missing values \(NaN\)"):
+        cebmf.tl.fit(mixed, **FAST)
 
 
 def test_mudata_joint_fit_with_feature_covariates_per_modality(counts, tmp_path):
@@ -277,7 +295,7 @@ def test_bad_inputs_name_the_argument(counts):
     ):
         cebmf.tl.fit(a, obs_covariates="nope", **FAST)
     a.obs["with_nan"] = np.where(np.arange(a.n_obs) == 3, np.nan, 1.0 * np.arange(a.n_obs))
-    with pytest.raises(ValueError, match="column 'with_nan' has 1 NaN"):
+    with pytest.raises(ValueError, match="column 'with_nan' has 1 missing / NaN"):
         cebmf.tl.fit(a, obs_covariates="with_nan", **FAST)
     a.obs["label"] = np.array(["a", "b"] * (a.n_obs // 2))
     with pytest.raises(ValueError, match=r"'label' has dtype object.*astype\('category'\)"):
@@ -315,6 +333,103 @@ def test_bad_inputs_name_the_argument(counts):
     ok.layers["dense"][0, 0] = np.nan
     cebmf.tl.fit(ok, layer="dense", transform=None, **FAST)
     assert np.isfinite(ok.obsm["X_cebmf"]).all()
+
+
+def test_cells_and_genes_without_signal_are_left_out_and_reported(counts, caplog):
+    a = counts.copy()
+    x = a.X.tolil()
+    x[[3, 7], :] = 0  # two empty cells
+    x[:, [0, 5, 9]] = 0  # three empty genes
+    a.X = x.tocsr().astype(counts.X.dtype)
+    a.X.eliminate_zeros()
+    with caplog.at_level("WARNING", logger="cebmf"):
+        cebmf.tl.fit(a, noise="row", obs_covariates="percent_mito", **FAST)
+    text = caplog.text
+    assert "2 of 250 cell(s) have no signal" in text and repr(a.obs_names[3]) in text
+    assert "3 of 715 gene(s) have no signal" in text and repr(a.var_names[5]) in text
+    rec = a.uns["cebmf"]
+    assert rec["obs_mask"].sum() == 248 and not rec["obs_mask"][[3, 7]].any()
+    assert rec["var_mask"].sum() == 712 and not rec["var_mask"][[0, 5, 9]].any()
+    for name in ("X_cebmf", "X_cebmf_sd", "X_cebmf_lfsr"):
+        assert np.all(a.obsm[name][[3, 7]] == 0)
+    assert (
+        np.isnan(rec["noise_sd"][[3, 7]]).all()
+        and np.isfinite(np.delete(rec["noise_sd"], [3, 7])).all()
+    )
+    assert rec["covariates"]["loadings"].shape[0] == 248
+    # the fit equals a fit of the matrix without those cells and genes
+    b = a[rec["obs_mask"], rec["var_mask"]].copy()
+    cebmf.tl.fit(b, noise="row", obs_covariates="percent_mito", **FAST)
+    np.testing.assert_allclose(a.obsm["X_cebmf"][rec["obs_mask"]], b.obsm["X_cebmf"], atol=1e-10)
+    cebmf.pl.prior(a, 1, basis="umap", show=False)  # the plot spreads the 248 cells over 250
+
+
+def test_covariates_from_dataframes_align_on_the_index(counts):
+    a = counts[:, :150].copy()
+    frame = a.obs[["percent_mito", "n_counts"]].copy()
+    cebmf.tl.fit(a, obs_covariates=frame.iloc[::-1], key_added="rev", **FAST)
+    cebmf.tl.fit(a, obs_covariates=frame, key_added="fwd", **FAST)
+    rev, fwd = a.uns["rev"]["covariates"], a.uns["fwd"]["covariates"]
+    np.testing.assert_array_equal(rev["loadings"], frame.to_numpy())  # reordered to obs_names
+    np.testing.assert_array_equal(fwd["loadings"], rev["loadings"])
+    assert list(a.uns["fwd"]["params"]["obs_covariates"]) == ["percent_mito", "n_counts"]
+    cebmf.tl.fit(a, obs_covariates=a.obs["percent_mito"], key_added="ser", **FAST)
+    assert list(a.uns["ser"]["params"]["obs_covariates"]) == ["percent_mito"]
+    # obsm DataFrames keep their column names; a nullable boolean with NA names its column
+    a.obsm["qc"] = frame
+    cebmf.tl.fit(a, obs_covariates="qc", key_added="qc", **FAST)
+    assert list(a.uns["qc"]["params"]["obs_covariates"]) == ["percent_mito", "n_counts"]
+    shifted = frame.set_axis([f"x{i}" for i in range(a.n_obs)], axis=0)
+    with pytest.raises(ValueError, match=r"obs_covariates: the index .* does not match"):
+        cebmf.tl.fit(a, obs_covariates=shifted, **FAST)
+    with pytest.raises(ValueError, match="obs_covariates is an empty list"):
+        cebmf.tl.fit(a, obs_covariates=[], **FAST)
+    a.obs["flag"] = pd.array([True, None] + [False] * (a.n_obs - 2), dtype="boolean")
+    with pytest.raises(ValueError, match="obs_covariates: column 'flag' has 1 missing"):
+        cebmf.tl.fit(a, obs_covariates="flag", **FAST)
+    with pytest.raises(ValueError, match=r"obs_covariates must be 1- or 2-dimensional"):
+        cebmf.tl.fit(a, obs_covariates=np.ones((a.n_obs, 2, 2)), **FAST)
+    # a gene left out by mask_var needs no covariate value
+    a.var["gc"] = np.where(np.arange(a.n_vars) == 0, np.nan, 0.4 + 0.001 * np.arange(a.n_vars))
+    mask = np.arange(a.n_vars) > 0
+    cebmf.tl.fit(a, var_covariates="gc", mask_var=mask, key_added="gc", **FAST)
+    assert a.uns["gc"]["covariates"]["factors"].shape[0] == a.uns["gc"]["var_mask"].sum()
+    with pytest.raises(ValueError, match="var_covariates: column 'gc' has 1 missing"):
+        cebmf.tl.fit(a, var_covariates="gc", mask_var=None, **FAST)
+
+
+def test_more_bad_inputs_are_refused_before_fitting(counts, tmp_path):
+    a = counts[:, :150].copy()
+    neg = a.copy()
+    neg.X.data[0] = -1  # negative integer "counts" under the default transform
+    with pytest.raises(ValueError, match=r"transform='auto': the data are integers, but 1 of"):
+        cebmf.tl.fit(neg, **FAST)
+    logged = a.copy()
+    logged.X = np.log1p(logged.X.astype(np.float64))
+    with pytest.raises(ValueError, match="size_factors is used only by the 'log1p_normalize'"):
+        cebmf.tl.fit(logged, size_factors="n_counts", **FAST)
+    cebmf.tl.fit(a, **FAST)
+    with pytest.raises(ValueError, match=r"key_added='cebmf_sd' would overwrite X_cebmf_sd"):
+        cebmf.tl.fit(a, key_added="cebmf_sd", **FAST)
+    path = tmp_path / "backed.h5ad"
+    a.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"backed on disk .*to_memory\(\)"):
+        cebmf.tl.fit(backed, **FAST)
+    backed.file.close()
+
+
+def test_cli_errors_are_one_line_naming_the_option(tmp_path, capsys):
+    from cebmf.cli import main
+
+    a = pbmc68k_counts()[:60].copy()
+    src = tmp_path / "in.h5ad"
+    a.write_h5ad(src)
+    with pytest.raises(SystemExit) as err:
+        main(["fit", str(src), str(tmp_path / "out.h5ad"), "-q", "--obs-covariates", "nope"])
+    message = str(err.value)
+    assert message.startswith("cebmf fit: error: --obs-covariates: 'nope' is neither a column")
+    assert "Traceback" not in message and not (tmp_path / "out.h5ad").exists()
 
 
 def test_cli_fit_on_the_demo_output(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,34 @@ def _by_modality(names: list[str] | None) -> dict[str, list[str]] | None:
     return out
 
 
+# tl.fit's argument names -> this command's options, for error messages
+_OPTIONS = {
+    name: "--" + name.replace("_", "-")
+    for name in (
+        "obs_covariates",
+        "var_covariates",
+        "n_factors",
+        "prior_loadings",
+        "prior_factors",
+        "key_added",
+        "max_iter",
+        "layer",
+        "noise",
+        "transform",
+        "device",
+    )
+}
+
+
+def _as_options(message: str) -> str:
+    """``message`` with tl.fit's argument names written as the command's options (a
+    one-word name only where it is given a value: ``layer='raw'``)."""
+    plain = [n for n in _OPTIONS if "_" not in n]
+    compound = [n for n in _OPTIONS if "_" in n]
+    pattern = r"\b(" + "|".join(compound) + r")\b|\b(" + "|".join(plain) + r")(?==)"
+    return re.sub(pattern, lambda m: _OPTIONS[m[1] or m[2]], message)
+
+
 def _fit(args: argparse.Namespace) -> int:
     from . import tl
 
@@ -62,22 +91,25 @@ def _fit(args: argparse.Namespace) -> int:
     if args.max_iter is not None:
         options["max_iter"] = args.max_iter
     start = time.perf_counter()
-    tl.fit(
-        data,
-        layer=args.layer,
-        obs_covariates=_names(args.obs_covariates),
-        var_covariates=var_covariates,
-        n_factors=args.n_factors,
-        prior_loadings=args.prior_loadings,
-        prior_factors=args.prior_factors,
-        noise=args.noise,
-        transform=None if args.transform == "none" else args.transform,
-        key_added=args.key_added,
-        device=args.device,
-        random_state=args.seed,
-        progress=not args.quiet,
-        **options,
-    )
+    try:
+        tl.fit(
+            data,
+            layer=args.layer,
+            obs_covariates=_names(args.obs_covariates),
+            var_covariates=var_covariates,
+            n_factors=args.n_factors,
+            prior_loadings=args.prior_loadings,
+            prior_factors=args.prior_factors,
+            noise=args.noise,
+            transform=None if args.transform == "none" else args.transform,
+            key_added=args.key_added,
+            device=args.device,
+            random_state=args.seed,
+            progress=not args.quiet,
+            **options,
+        )
+    except (ValueError, TypeError) as err:  # a user error: its message, no traceback
+        raise SystemExit(f"cebmf fit: error: {_as_options(str(err))}") from None
     record = data.uns[args.key_added]
     dest.parent.mkdir(parents=True, exist_ok=True)
     data.write_h5mu(dest) if wanted == ".h5mu" else data.write_h5ad(dest)

@@ -318,7 +318,8 @@ def prior(
             "side='factors' pass covariate= (an adata.var column or a covariate index)."
         )
 
-    used = np.arange(adata.n_obs) if side == "loadings" else np.flatnonzero(u.var_mask(adata, key))
+    mask = u.obs_mask(adata, key) if side == "loadings" else u.var_mask(adata, key)
+    used = np.flatnonzero(mask)
     where = f"adata.uns[{key!r}]['covariates'][{side!r}]"
     stored = uns.get("covariates")
     cov = None
@@ -346,7 +347,9 @@ def prior(
 
         obsm_key = u.resolve_basis(adata, basis)
         col = f"{name} {ylabel}"
-        tmp, basis_name = u.temporary_adata(adata, obsm_key, {col: y})
+        values = np.full(adata.n_obs, np.nan)  # cells left out of the fit: NaN (grey)
+        values[used] = y
+        tmp, basis_name = u.temporary_adata(adata, obsm_key, {col: values})
         if quantity == "nonzero":
             kwargs.setdefault("vmin", 0.0)
             kwargs.setdefault("vmax", 1.0)

@@ -64,7 +64,8 @@ def group_means(
     frame = pd.DataFrame(values, columns=[names[i] for i in idx], index=adata.obs_names)
     means = frame.groupby(np.asarray(groups), sort=False).mean()
     order = [c for c in groups.categories if c in means.index]
-    means = means.loc[order]
+    # by position: .loc with a list of booleans (a bool groupby) would be read as a mask
+    means = means.iloc[[means.index.get_loc(c) for c in order]]
     means.index = pd.Index([str(c) for c in order], name=groupby)
     return means
 

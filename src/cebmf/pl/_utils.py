@@ -17,6 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
+from .._validation import shortlist as _shortlist
+
 SIGNED_CMAP = "RdBu_r"
 NONNEGATIVE_CMAP = "viridis"
 POSITIVE_COLOR = "#b2182b"
@@ -93,18 +95,27 @@ def factor_names(adata: ad.AnnData, key: str, n_factors: int | None = None) -> l
     return names
 
 
-def var_mask(adata: ad.AnnData, key: str) -> np.ndarray:
-    """Boolean mask of the genes used in the fit (all genes when not stored)."""
-    mask = get_uns(adata, key).get("var_mask")
+def _fit_mask(adata: ad.AnnData, key: str, entry: str, n: int, what: str) -> np.ndarray:
+    mask = get_uns(adata, key).get(entry)
     if mask is None:
-        return np.ones(adata.n_vars, dtype=bool)
+        return np.ones(n, dtype=bool)
     mask = np.asarray(mask, dtype=bool).ravel()
-    if mask.size != adata.n_vars:
+    if mask.size != n:
         raise ValueError(
-            f"adata.uns[{key!r}]['var_mask'] has {mask.size} entries but adata has "
-            f"{adata.n_vars} genes; was the AnnData subset after the fit? {_fit_hint(key)}."
+            f"adata.uns[{key!r}][{entry!r}] has {mask.size} entries but adata has "
+            f"{n} {what}; was the AnnData subset after the fit? {_fit_hint(key)}."
         )
     return mask
+
+
+def var_mask(adata: ad.AnnData, key: str) -> np.ndarray:
+    """Boolean mask of the genes used in the fit (all genes when not stored)."""
+    return _fit_mask(adata, key, "var_mask", adata.n_vars, "genes")
+
+
+def obs_mask(adata: ad.AnnData, key: str) -> np.ndarray:
+    """Boolean mask of the cells used in the fit (all cells when not stored)."""
+    return _fit_mask(adata, key, "obs_mask", adata.n_obs, "cells")
 
 
 def resolve_factors(factors: Any, names: Sequence[str], argname: str = "factors") -> list[int]:
@@ -151,12 +162,6 @@ def resolve_factor(factor: Any, names: Sequence[str], argname: str = "factor") -
         f"{argname} entries must be factor indices (int) or names (str), got "
         f"{type(factor).__name__}."
     )
-
-
-def _shortlist(items: Sequence[Any], n: int = 10) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(repr(i) for i in items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def resolve_basis(adata: ad.AnnData, basis: Any) -> str:

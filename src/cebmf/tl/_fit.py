@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import resolve_seed
+from .._validation import resolve_seed, shortlist
 from ..data.convert import resolve_device
-from ..data.transforms import column_sums_of_squares
+from ..data.transforms import column_sums_of_squares, row_sums_of_squares
 from ..model.fit import fit_ebmf
 from ..priors.base import Prior
 from ..priors.block import BlockPrior
 from ._inputs import (
     DEFAULT_TARGET_SUM,
+    HIGHLY_VARIABLE,
     apply_transform,
     resolve_covariates,
     resolve_mask,
     select_matrix,
 )
-from ._results import factor_names, full_rows, h5_safe, pve_by_block, uns_summary
+from ._results import (
+    check_key_free,
+    factor_names,
+    full_rows,
+    h5_safe,
+    pve_by_block,
+    uns_summary,
+)
 
 logger = logging.getLogger("cebmf")
 
@@ -35,15 +44,16 @@ def _per_mod(value, mod: str, default=None):
 
 
 def _prepare_matrix(
-    adata, *, layer, transform, target_sum, size_factors, mask_var, noise, prefix: str = ""
-):
-    """Transformed matrix restricted to the fitted genes, and the fitted genes' indices."""
+    adata, *, layer, transform, target_sum, size_factors, mask_var, prefix: str = ""
+) -> PreparedMatrix:
+    """The transformed matrix restricted to the fitted genes (those in ``mask_var`` with
+    some signal after the transform), and which cells have signal in them."""
     x = select_matrix(adata, layer, f"{prefix}layer")
     if x.ndim != 2 or x.shape != (adata.n_obs, adata.n_vars):
         raise ValueError(
             f"{prefix}the data matrix has shape {x.shape}, not {(adata.n_obs, adata.n_vars)}."
         )
-    mask = resolve_mask(adata, mask_var, f"{prefix}mask_var")
+    mask, mask_record = resolve_mask(adata, mask_var, f"{prefix}mask_var")
     sf = None
     if size_factors is not None:
         if isinstance(size_factors, str):
@@ -62,29 +72,85 @@ def _prepare_matrix(
     )
     sub = x if mask.all() else x[:, np.flatnonzero(mask)]
     y, resolved = _transform(sub, transform, sf, target_sum, totals, f"{prefix}transform")
-    # genes without any signal cannot have a per-gene noise variance: leave them out
+    if sf is not None and resolved != "log1p_normalize":
+        raise ValueError(
+            f"{prefix}size_factors is used only by the 'log1p_normalize' transform, but "
+            f"transform={transform!r} resolved to {resolved!r}"
+            + (" (the data are not integer counts)" if transform == "auto" else "")
+            + "; drop size_factors or choose transform='log1p_normalize'."
+        )
+    # genes without any signal have no noise variance and carry no information
     if sp.issparse(y):
         col_sq = column_sums_of_squares(y)
     else:
         col_sq = np.nansum(np.asarray(y, dtype=np.float64) ** 2, 0)
     empty = col_sq <= 0
     rows = np.flatnonzero(mask)
+    if empty.all():
+        raise ValueError(
+            f"{prefix}no gene has any signal after the transform: every value of the "
+            f"{rows.size} selected gene(s) is zero (or missing)."
+        )
     if empty.any():
-        logger.info("%d gene(s) with no signal left out of the fit", int(empty.sum()))
-        if noise == "column" or empty.all():
-            y = y[:, np.flatnonzero(~empty)]
-            rows = rows[~empty]
-    if rows.size == 0:
-        raise ValueError(f"{prefix}no gene has any signal after the transform.")
-    return y, rows, resolved
+        logger.warning(
+            "%s%d of %d gene(s) have no signal after the transform (all zero) and are left "
+            "out of the fit (zero rows in varm): %s",
+            prefix,
+            int(empty.sum()),
+            rows.size,
+            shortlist(adata.var_names[rows[empty]], 5),
+        )
+        y = y[:, np.flatnonzero(~empty)]
+        rows = rows[~empty]
+    if sp.issparse(y):
+        row_sq = row_sums_of_squares(y)
+    else:
+        row_sq = np.nansum(np.asarray(y, dtype=np.float64) ** 2, 1)
+    return PreparedMatrix(y, rows, resolved, row_sq > 0, mask_record, x)
+
+
+@dataclass
+class PreparedMatrix:
+    """What ``_prepare_matrix`` makes of one AnnData: the matrix to fit (fitted genes
+    only), the fitted genes' indices, the transform used, which cells have any signal,
+    what ``params["mask_var"]`` records, and the caller's matrix it comes from."""
+
+    y: Any
+    rows: np.ndarray
+    transform: str
+    cell_signal: np.ndarray
+    mask_record: str | None
+    source: Any
+
+
+def _fitted_cells(signal: np.ndarray, obs_names, prefix: str = "") -> np.ndarray:
+    """Indices of the cells with some signal; the others are left out (and said so)."""
+    cells = np.flatnonzero(signal)
+    if cells.size == 0:
+        raise ValueError(f"{prefix}no cell has any signal in the fitted genes.")
+    if cells.size < signal.size:
+        logger.warning(
+            "%s%d of %d cell(s) have no signal in the fitted genes (all zero) and are left "
+            "out of the fit (zero rows in obsm): %s",
+            prefix,
+            signal.size - cells.size,
+            signal.size,
+            shortlist(obs_names[~signal], 5),
+        )
+    return cells
+
+
+def _take_rows(y, cells: np.ndarray, n: int):
+    return y if cells.size == n else y[cells]
 
 
 def _transform(x, transform, sf, target_sum, totals, argname):
     if transform in ("auto", "log1p_normalize"):
         from ..data.transforms import log1p_normalize
-        from ._inputs import is_integer_counts
+        from ._inputs import check_not_negative_counts, is_integer_counts
 
         if transform == "auto" and not is_integer_counts(x):
+            check_not_negative_counts(x, argname)
             return apply_transform(x, None, argname=argname)
         values = x.data if sp.issparse(x) else np.asarray(x)
         if values.size and np.nanmin(values) < 0:
@@ -140,7 +206,7 @@ def fit(
     transform: str | dict | None = "auto",
     target_sum: float = DEFAULT_TARGET_SUM,
     size_factors: Any = None,
-    mask_var: Any = None,
+    mask_var: Any = HIGHLY_VARIABLE,
     intercept: bool = False,
     mods: list[str] | None = None,
     key_added: str = "cebmf",
@@ -165,10 +231,12 @@ def fit(
         Cell / gene covariates for the priors of the loadings / factors: an ``obs`` / ``var``
         column name or list of names (numeric as is, booleans 0/1, categoricals one-hot),
         an ``obsm`` / ``varm`` key (e.g. ``"spatial"``, a gene-set membership matrix), or an
-        array. Standardised inside the priors. MuData: ``var_covariates`` is a dict by
-        modality (each modality's features have their own covariates; a modality left out
-        keeps a plain prior), and ``uns[key]["params"]["var_covariates"]`` names the columns
-        ``"mod:name"``.
+        array, DataFrame or Series (a DataFrame / Series is aligned on its index; any
+        index other than the default RangeIndex must hold the obs / var names). Only the
+        fitted cells / genes need finite values. Standardised inside the priors. MuData:
+        ``var_covariates`` is a dict by modality (each modality's features have their own
+        covariates; a modality left out keeps a plain prior), and
+        ``uns[key]["params"]["var_covariates"]`` names the columns ``"mod:name"``.
     n_factors
         Most factors to add; the number kept is chosen by the data (greedy + nullcheck).
     prior_loadings, prior_factors
@@ -180,15 +248,19 @@ def fit(
         ``"auto"`` (integer counts: ``"log1p_normalize"``; anything else: none),
         ``"log1p_normalize"`` (x * target_sum / library size, then log1p, on the stored
         non-zeros; library sizes over all genes), ``"log1p"``, ``"binary"`` and ``"tfidf"``
-        (ATAC peaks), or None. Negative values with a count transform are an error.
+        (ATAC peaks), or None. Negative values with a count transform, and negative
+        integers with ``"auto"``, are an error.
     target_sum
         Library size after normalisation (10^4, as scanpy's CP10k).
     size_factors
-        An ``obs`` column or array of per-cell size factors replacing library sizes.
+        An ``obs`` column or array of per-cell size factors replacing library sizes (only
+        with ``"log1p_normalize"``; an error with any other transform).
     mask_var
-        Genes to fit, as scanpy: a boolean ``var`` column or array; default
-        ``var["highly_variable"]`` when present, else every gene. Genes without signal are
-        left out; outputs are full length with zero rows for genes not fitted.
+        Genes to fit, as scanpy: a boolean ``var`` column or array; by default
+        ``var["highly_variable"]`` when present, else every gene; None: every gene. Genes
+        and cells without any signal (all zero after the transform) are left out, with a
+        warning that says which and how many; outputs are full length, with zero rows for
+        the genes and cells not fitted (``uns[key]["var_mask"]`` / ``["obs_mask"]``).
     intercept
         Add a first factor with loadings fixed at 1 (its factor: the gene means).
     mods
@@ -208,7 +280,8 @@ def fit(
     None, or the copy when ``copy=True``. Writes ``obsm["X_{key}"]`` (loadings, N x K),
     ``obsm["X_{key}_sd"]``, ``obsm["X_{key}_lfsr"]``, ``varm["{key}_factors"]`` and its
     ``_sd`` / ``_lfsr`` (n_vars x K), and ``uns[key]`` (params, elbo trace, pve, noise_sd,
-    converged, n_iter, factor_names, priors, var_mask, covariates).
+    converged, n_iter, factor_names, priors, var_mask, obs_mask, covariates). A
+    ``key_added`` whose outputs would overwrite another fit's is refused.
     """
     try:
         import mudata as md
@@ -248,23 +321,30 @@ def fit(
         raise TypeError(f"data must be an AnnData or a MuData, got {type(data).__name__}.")
     if mods is not None:
         raise ValueError("mods= is for MuData input; data is an AnnData.")
+    if getattr(data, "isbacked", False):
+        raise ValueError(
+            "data is backed on disk (read with backed='r'); load it into memory first "
+            "(adata = adata.to_memory()) or pass copy=True on a loaded object."
+        )
+    check_key_free(data, key_added)
     adata = data.copy() if copy else data
-    y, rows, resolved = _prepare_matrix(
+    prep = _prepare_matrix(
         adata,
         layer=layer,
         transform=transform,
         target_sum=target_sum,
         size_factors=size_factors,
         mask_var=mask_var,
-        noise=noise,
     )
+    rows = prep.rows
+    cells = _fitted_cells(prep.cell_signal, adata.obs_names)
+    y = _take_rows(prep.y, cells, adata.n_obs)
     x_l, l_names = resolve_covariates(
-        obs_covariates, adata.obs, adata.obsm, adata.n_obs, "obs_covariates", "cells"
+        obs_covariates, adata.obs, adata.obsm, adata.n_obs, "obs_covariates", "cells", cells
     )
-    x_f_full, f_names = resolve_covariates(
-        var_covariates, adata.var, adata.varm, adata.n_vars, "var_covariates", "genes"
+    x_f, f_names = resolve_covariates(
+        var_covariates, adata.var, adata.varm, adata.n_vars, "var_covariates", "genes", rows
     )
-    x_f = None if x_f_full is None else x_f_full[rows]
     pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
     pf = _prior_spec(prior_factors, x_f is not None, "point_normal")
     res = fit_ebmf(
@@ -278,23 +358,21 @@ def fit(
         device=device,
         random_state=random_state,
         progress=progress,
-        fixed_loadings=np.ones(adata.n_obs) if intercept else None,
-        **_engine_options(y, resolved not in (None, "none"), device, engine_options),
+        fixed_loadings=np.ones(cells.size) if intercept else None,
+        **_engine_options(y, y is not prep.source, device, engine_options),
     )
     params = {
         "layer": layer,
-        "transform": resolved,
+        "transform": prep.transform,
         "target_sum": float(target_sum),
-        "size_factors": size_factors
-        if isinstance(size_factors, str)
-        else (None if size_factors is None else "array"),
+        "size_factors": _size_factors_record(size_factors),
         "obs_covariates": l_names,
         "var_covariates": f_names,
         "n_factors": int(n_factors),
         "prior_loadings": _describe(pl),
         "prior_factors": _describe(pf),
         "noise": noise,
-        "mask_var": mask_var if isinstance(mask_var, str) or mask_var is None else "array",
+        "mask_var": prep.mask_record,
         "intercept": bool(intercept),
         "key_added": key_added,
         "device": str(device),
@@ -306,29 +384,50 @@ def fit(
         covariates["loadings"], covariates["loadings_names"] = x_l, l_names
     if x_f is not None:
         covariates["factors"], covariates["factors_names"] = x_f, f_names
-    var_mask = np.zeros(adata.n_vars, dtype=bool)
-    var_mask[rows] = True
     noise_sd = res.noise_sd
     if noise == "column":
         noise_sd = full_rows(np.asarray(noise_sd)[:, None], rows, adata.n_vars, np.nan)[:, 0]
-    _write_obsm(adata.obsm, res, key_added)
+    elif noise == "row":
+        noise_sd = full_rows(np.asarray(noise_sd)[:, None], cells, adata.n_obs, np.nan)[:, 0]
+    _write_obsm(adata.obsm, res, cells, adata.n_obs, key_added)
     _write_varm(adata.varm, res.F, res.F_sd, res.F_lfsr, rows, adata.n_vars, key_added)
     adata.uns[key_added] = uns_summary(
-        res, params, covariates, {"var_mask": var_mask, "noise_sd": noise_sd}
+        res,
+        params,
+        covariates,
+        {
+            "var_mask": _mask(rows, adata.n_vars),
+            "obs_mask": _mask(cells, adata.n_obs),
+            "noise_sd": noise_sd,
+        },
     )
     return adata if copy else None
 
 
-def _write_obsm(obsm, res, key: str) -> None:
-    obsm[f"X_{key}"] = res.L.astype(np.float64)
-    obsm[f"X_{key}_sd"] = res.L_sd.astype(np.float64)
-    obsm[f"X_{key}_lfsr"] = res.L_lfsr.astype(np.float64)
+def _size_factors_record(size_factors) -> str | None:
+    if size_factors is None or isinstance(size_factors, str):
+        return size_factors
+    return "array"
+
+
+def _mask(index: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[index] = True
+    return out
+
+
+def _write_obsm(obsm, res, cells: np.ndarray, n_obs: int, key: str) -> None:
+    """Loadings, sds and lfsr (N x K); zero rows for cells left out of the fit."""
+    obsm[f"X_{key}"] = full_rows(res.L, cells, n_obs, 0.0)
+    obsm[f"X_{key}_sd"] = full_rows(res.L_sd, cells, n_obs, 0.0)
+    obsm[f"X_{key}_lfsr"] = full_rows(res.L_lfsr, cells, n_obs, 0.0)
 
 
 def _write_varm(varm, f, f_sd, f_lfsr, rows, n_vars, key: str) -> None:
+    """Factors, sds and lfsr (n_vars x K); zero rows for genes not fitted (as PCA)."""
     varm[f"{key}_factors"] = full_rows(f, rows, n_vars, 0.0)
     varm[f"{key}_factors_sd"] = full_rows(f_sd, rows, n_vars, 0.0)
-    varm[f"{key}_factors_lfsr"] = full_rows(f_lfsr, rows, n_vars, 1.0)
+    varm[f"{key}_factors_lfsr"] = full_rows(f_lfsr, rows, n_vars, 0.0)
 
 
 def _block_var_covariates(spec, mdata, mods, rows, sizes):
@@ -346,9 +445,9 @@ def _block_var_covariates(spec, mdata, mods, rows, sizes):
             continue
         mod = mdata.mod[m]
         x, names = resolve_covariates(
-            spec[m], mod.var, mod.varm, mod.n_vars, f"var_covariates[{m!r}]", "features"
+            spec[m], mod.var, mod.varm, mod.n_vars, f"var_covariates[{m!r}]", "features", rows[m]
         )
-        mats.append(x[rows[m]])
+        mats.append(x)
         columns.append(list(range(width, width + x.shape[1])))
         labels += [f"{m}:{name}" for name in names]
         width += x.shape[1]
@@ -412,29 +511,46 @@ def _fit_mudata(
                 f"({mdata.mod[m].n_obs} vs {mdata.n_obs}); a joint fit needs every modality "
                 "on the same cells (e.g. mu.pp.intersect_obs(mdata))."
             )
+    if getattr(mdata, "isbacked", False):
+        raise ValueError(
+            "data is backed on disk; load it into memory first (mdata = mdata.to_memory())."
+        )
+    check_key_free(mdata, key_added, mods)
     out = mdata.copy() if copy else mdata
-    blocks, parts, rows, resolved, sizes = {}, [], {}, {}, []
-    start = 0
+    preps = {}
     for m in mods:
-        y, r, tr = _prepare_matrix(
+        preps[m] = _prepare_matrix(
             out.mod[m],
             layer=_per_mod(layer, m),
             transform=_per_mod(transform, m, "auto"),
             target_sum=target_sum,
             size_factors=_per_mod(size_factors, m),
-            mask_var=_per_mod(mask_var, m),
-            noise=noise,
+            mask_var=_per_mod(mask_var, m, HIGHLY_VARIABLE),
             prefix=f"[{m}] ",
         )
-        parts.append(sp.csr_matrix(y) if sp.issparse(y) else y)
-        rows[m], resolved[m] = r, tr
+    # a cell is fitted when it has signal in some modality
+    cells = _fitted_cells(
+        np.logical_or.reduce([p.cell_signal for p in preps.values()]), out.obs_names
+    )
+    blocks, parts, rows, resolved, sizes = {}, [], {}, {}, []
+    start = 0
+    sparse = any(sp.issparse(p.y) for p in preps.values())
+    for m, prep in preps.items():
+        y = _take_rows(prep.y, cells, out.n_obs)
+        if sparse and not sp.issparse(y) and np.isnan(np.asarray(y, dtype=np.float64)).any():
+            raise ValueError(
+                f"[{m}] has missing values (NaN), which a joint fit can only take when every "
+                "modality is dense, but other modalities are sparse; impute the missing "
+                f"values of {m!r} or fit it on its own."
+            )
+        parts.append(sp.csr_matrix(y) if sparse else y)
+        rows[m], resolved[m] = prep.rows, prep.transform
         blocks[m] = slice(start, start + y.shape[1])
         sizes.append(y.shape[1])
         start += y.shape[1]
-    sparse = any(sp.issparse(p) for p in parts)
-    y = sp.hstack([sp.csr_matrix(p) for p in parts], format="csr") if sparse else np.hstack(parts)
+    y = sp.hstack(parts, format="csr") if sparse else np.hstack(parts)
     x_l, l_names = resolve_covariates(
-        obs_covariates, out.obs, out.obsm, out.n_obs, "obs_covariates", "cells"
+        obs_covariates, out.obs, out.obsm, out.n_obs, "obs_covariates", "cells", cells
     )
     pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
     x_f, f_names, f_columns = _block_var_covariates(var_covariates, out, mods, rows, sizes)
@@ -454,10 +570,10 @@ def _fit_mudata(
         device=device,
         random_state=random_state,
         progress=progress,
-        fixed_loadings=np.ones(out.n_obs) if intercept else None,
+        fixed_loadings=np.ones(cells.size) if intercept else None,
         **_engine_options(y, True, device, engine_options),
     )
-    _write_obsm(out.obsm, res, key_added)
+    _write_obsm(out.obsm, res, cells, out.n_obs, key_added)
     var_mask, noise_sd = {}, {}
     for m in mods:
         cols = blocks[m]
@@ -480,6 +596,8 @@ def _fit_mudata(
         "prior_loadings": _describe(pl),
         "prior_factors": {m: _describe(p) for m, p in zip(mods, per_mod_f, strict=True)},
         "noise": noise,
+        "mask_var": {m: p.mask_record for m, p in preps.items()},
+        "size_factors": {m: _size_factors_record(_per_mod(size_factors, m)) for m in mods},
         "intercept": bool(intercept),
         "key_added": key_added,
         "device": str(device),
@@ -497,6 +615,7 @@ def _fit_mudata(
             "mods": np.asarray(mods, dtype=object),
             "pve_by_mod": pve_by_block(res, blocks),
             "var_mask": var_mask,
+            "obs_mask": _mask(cells, out.n_obs),
             "noise_sd": noise_sd,
         },
     )

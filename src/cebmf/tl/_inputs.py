@@ -42,13 +42,31 @@ def _values(x) -> np.ndarray:
     return np.asarray(x).ravel()
 
 
-def is_integer_counts(x) -> bool:
-    values = _values(x)
+def _integer_valued(values: np.ndarray) -> bool:
     if values.dtype.kind in "biu":
-        return bool(values.size == 0 or values.min() >= 0)
+        return True
     if values.dtype.kind != "f" or not np.all(np.isfinite(values)):
         return False
-    return bool((values >= 0).all() and np.all(values == np.round(values)))
+    return bool(np.all(values == np.round(values)))
+
+
+def is_integer_counts(x) -> bool:
+    """True for non-negative integer values (the raw counts that ``"auto"`` normalises)."""
+    values = _values(x)
+    return _integer_valued(values) and bool(values.size == 0 or values.min() >= 0)
+
+
+def check_not_negative_counts(x, argname: str) -> None:
+    """``transform="auto"`` on integer values some of which are negative: neither counts nor
+    transformed data (log-normalised values are not integers), so most likely corrupted
+    counts; refuse rather than fit the raw integers."""
+    values = _values(x)
+    if values.size and _integer_valued(values) and values.min() < 0:
+        raise ValueError(
+            f"{argname}='auto': the data are integers, but {int((values < 0).sum())} of them "
+            "are negative, so they are not counts; fix the counts, or pass transform=None "
+            "to fit the values as they are."
+        )
 
 
 def apply_transform(
@@ -68,6 +86,7 @@ def apply_transform(
             f"{', '.join(map(repr, TRANSFORMS))}."
         )
     if transform == "auto":
+        check_not_negative_counts(x, argname)
         transform = "log1p_normalize" if is_integer_counts(x) else None
         logger.info("transform='auto' -> %s", transform)
     if transform is None:
@@ -105,97 +124,183 @@ def apply_transform(
     return (csr if sp.issparse(x) else csr.toarray()), transform
 
 
-def resolve_mask(adata, mask_var, argname: str = "mask_var") -> np.ndarray:
-    """A boolean gene mask as scanpy's ``mask_var``: None uses ``var['highly_variable']``
-    when present (else every gene); a var column name; or a boolean array."""
+class _HighlyVariableDefault:
+    """The default of ``mask_var`` (scanpy's): ``var["highly_variable"]`` when that column
+    exists, else every gene. ``mask_var=None`` means every gene."""
+
+    def __repr__(self) -> str:
+        return "<var['highly_variable'] if present>"
+
+
+HIGHLY_VARIABLE = _HighlyVariableDefault()
+
+
+def resolve_mask(adata, mask_var, argname: str = "mask_var") -> tuple[np.ndarray, str | None]:
+    """A boolean gene mask as scanpy's ``mask_var``, and what ``params`` records: the
+    default uses ``var['highly_variable']`` when present (recorded by that name), None uses
+    every gene (None), a ``var`` column name (the name), or a boolean array (``"array"``)."""
     n = adata.n_vars
+    if mask_var is HIGHLY_VARIABLE:
+        if "highly_variable" not in adata.var:
+            return np.ones(n, dtype=bool), None
+        mask_var = "highly_variable"
     if mask_var is None:
-        if "highly_variable" in adata.var:
-            return adata.var["highly_variable"].to_numpy(dtype=bool)
-        return np.ones(n, dtype=bool)
+        return np.ones(n, dtype=bool), None
     if isinstance(mask_var, str):
         if mask_var not in adata.var:
             raise ValueError(f"{argname}={mask_var!r} is not a column of adata.var.")
         mask = adata.var[mask_var].to_numpy()
+        what = f"adata.var[{mask_var!r}]"
     else:
         mask = np.asarray(mask_var)
+        what = argname
     if mask.dtype != bool or mask.shape != (n,):
-        raise ValueError(f"{argname} must be a boolean column or array of length {n} (n_vars).")
+        raise ValueError(
+            f"{argname} must be a boolean var column or array of length {n} (n_vars), got "
+            f"{'a column' if isinstance(mask_var, str) else 'an array'} of dtype {mask.dtype} "
+            f"and shape {mask.shape}."
+        )
     if not mask.any():
-        raise ValueError(f"{argname} selects no genes.")
-    return mask
+        raise ValueError(
+            f"{argname} selects no genes ({what} is all False); pass mask_var=None to fit "
+            "every gene."
+        )
+    return mask, (mask_var if isinstance(mask_var, str) else "array")
 
 
-def _frame_column(frame: pd.DataFrame, name: str, argname: str) -> tuple[np.ndarray, list[str]]:
+def _frame_column(frame: pd.DataFrame, name, argname: str) -> tuple[np.ndarray, list[str]]:
     col = frame[name]
+    label = str(name)
     if isinstance(col.dtype, pd.CategoricalDtype):
         cats = list(col.cat.categories)
         codes = col.cat.codes.to_numpy()
         if (codes < 0).any():
             raise ValueError(
-                f"{argname}: categorical column {name!r} has missing values; fill them first."
+                f"{argname}: categorical column {label!r} has missing values; fill them first."
             )
         onehot = np.zeros((len(col), len(cats)))
         onehot[np.arange(len(col)), codes] = 1.0
-        return onehot, [f"{name}={c}" for c in cats]
-    if col.dtype == bool or col.dtype.kind == "b":
-        return col.to_numpy(dtype=np.float64)[:, None], [name]
-    if col.dtype.kind in "iuf":
-        values = col.to_numpy(dtype=np.float64)
-        if not np.all(np.isfinite(values)):
+        return onehot, [f"{label}={c}" for c in cats]
+    if col.dtype.kind in "biuf":  # numpy and pandas nullable (boolean, Int64, Float64) dtypes
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
             raise ValueError(
-                f"{argname}: column {name!r} has {int((~np.isfinite(values)).sum())} "
-                "NaN/Inf value(s); impute or drop them first."
+                f"{argname}: column {label!r} has {int(bad.sum())} missing / NaN / Inf "
+                "value(s); impute or drop them first."
             )
-        return values[:, None], [name]
+        return values[:, None], [label]
     raise ValueError(
-        f"{argname}: column {name!r} has dtype {col.dtype}, which is neither numeric nor "
-        f"categorical; convert it, e.g. adata.obs[{name!r}].astype('category')."
+        f"{argname}: column {label!r} has dtype {col.dtype}, which is neither numeric nor "
+        f"categorical; convert it, e.g. adata.obs[{label!r}].astype('category')."
     )
 
 
+def _aligned(df: pd.DataFrame, index: pd.Index, argname: str, where: str) -> pd.DataFrame:
+    """``df`` in the order of ``index`` (obs_names / var_names). A default RangeIndex is
+    taken as positional; any other index must hold exactly the same labels."""
+    if df.index.equals(index):
+        return df
+    if isinstance(df.index, pd.RangeIndex) and df.index.equals(pd.RangeIndex(len(index))):
+        if len(df) == len(index):
+            return df.set_axis(index, axis=0)
+    names = "obs_names" if where == "cells" else "var_names"
+    if len(df) == len(index) and df.index.is_unique and df.index.isin(index).all():
+        return df.loc[index]
+    missing = int((~index.isin(df.index)).sum())
+    raise ValueError(
+        f"{argname}: the index of the DataFrame / Series does not match adata.{names} "
+        f"({len(df)} rows; {missing} of the {len(index)} {where} of adata are not in it); "
+        f"align it first (e.g. df.loc[adata.{names}]) or pass df.to_numpy() to use its "
+        "rows in order."
+    )
+
+
+def _frame_block(df: pd.DataFrame, argname: str) -> tuple[np.ndarray, list[str]]:
+    blocks, labels = [], []
+    for name in df.columns:
+        block, lab = _frame_column(df, name, argname)
+        blocks.append(block)
+        labels += lab
+    if not blocks:
+        raise ValueError(f"{argname}: the DataFrame has no columns.")
+    return np.hstack(blocks), labels
+
+
+def _numeric_block(value, argname: str) -> np.ndarray:
+    arr = value.toarray() if sp.issparse(value) else np.asarray(value)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{argname} must be 1- or 2-dimensional, got shape {arr.shape}.")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{argname} must be numeric, got an array of dtype {arr.dtype}.")
+    return arr.astype(np.float64)
+
+
+def _check_finite(block: np.ndarray, argname: str) -> None:
+    bad = ~np.isfinite(block)
+    if bad.any():
+        raise ValueError(
+            f"{argname} contains {int(bad.sum())} NaN or Inf value(s) (the first in row "
+            f"{int(np.argwhere(bad)[0, 0])}); impute or drop them first."
+        )
+
+
 def resolve_covariates(
-    spec: Any, frame: pd.DataFrame, multi: dict, n: int, argname: str, where: str
+    spec: Any,
+    frame: pd.DataFrame,
+    multi: dict,
+    n: int,
+    argname: str,
+    where: str,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, list[str]]:
     """Covariates from column names of ``frame`` (obs / var), keys of ``multi`` (obsm /
-    varm), or an array. Numeric columns as they are, booleans as 0/1, categoricals
-    one-hot. Returns ``(matrix (n, d) float64 or None, column labels)``."""
+    varm), a DataFrame / Series (aligned on its index), or an array. Numeric columns as they
+    are, booleans as 0/1, categoricals one-hot. Only ``rows`` (the fitted cells / genes;
+    default all) are returned, and only they must be finite. Returns ``(matrix
+    (len(rows), d) float64 or None, column labels)``."""
     if spec is None:
         return None, []
-    if isinstance(spec, np.ndarray | pd.DataFrame) or sp.issparse(spec):
-        arr = spec.toarray() if sp.issparse(spec) else np.asarray(spec)
-        if arr.ndim == 1:
-            arr = arr[:, None]
-        if arr.dtype.kind not in "biuf":
-            raise ValueError(f"{argname} must be numeric, got an array of dtype {arr.dtype}.")
+    sel = slice(None) if rows is None else rows
+    if isinstance(spec, pd.Series):
+        spec = spec.to_frame(name=argname if spec.name is None else spec.name)
+    if isinstance(spec, pd.DataFrame):
+        block, labels = _frame_block(_aligned(spec, frame.index, argname, where).iloc[sel], argname)
+        return block, labels
+    if isinstance(spec, np.ndarray) or sp.issparse(spec):
+        arr = _numeric_block(spec, argname)
         if arr.shape[0] != n:
             raise ValueError(
                 f"{argname} has {arr.shape[0]} rows but there are {n} {where}; give one row "
                 f"per {where[:-1]}."
             )
-        arr = arr.astype(np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{argname} contains NaN or Inf; impute or drop them first.")
+        arr = arr[sel]
+        _check_finite(arr, argname)
         return arr, [f"{argname}[{j}]" for j in range(arr.shape[1])]
     names = [spec] if isinstance(spec, str) else list(spec)
+    if not names:
+        raise ValueError(f"{argname} is an empty list; pass None for no covariates.")
+    sub = frame.iloc[sel]
     blocks, labels = [], []
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"{argname} must be a column name, a list of names or an array.")
+            raise TypeError(
+                f"{argname} must be a column name, a list of names, a DataFrame or an array; "
+                f"got an entry of type {type(name).__name__}."
+            )
         if name in frame.columns:
-            block, lab = _frame_column(frame, name, argname)
+            block, lab = _frame_column(sub, name, argname)
         elif name in multi:
             value = multi[name]
-            block = value.to_numpy() if isinstance(value, pd.DataFrame) else value
-            block = block.toarray() if sp.issparse(block) else np.asarray(block)
-            if block.ndim == 1:
-                block = block[:, None]
-            if block.dtype.kind not in "biuf":
-                raise ValueError(f"{argname}: {name!r} is not numeric (dtype {block.dtype}).")
-            block = block.astype(np.float64)
-            if not np.all(np.isfinite(block)):
-                raise ValueError(f"{argname}: {name!r} contains NaN or Inf.")
-            lab = [f"{name}[{j}]" for j in range(block.shape[1])]
+            where_name = f"{argname}: {name!r}"
+            if isinstance(value, pd.DataFrame):
+                block, lab = _frame_block(value.iloc[sel], where_name)
+            else:
+                block = _numeric_block(value, where_name)[sel]
+                _check_finite(block, where_name)
+                lab = [f"{name}[{j}]" for j in range(block.shape[1])]
         else:
             m = "obsm" if where == "cells" else "varm"
             f = "obs" if where == "cells" else "var"
