@@ -22,7 +22,9 @@ class NormalScaleMixture(MixturePrior):
     Grid: ebnm's KL rule (see :func:`cebmf.priors._grids.normal_mixture_scales`), with
     ``kl_target`` (default 1/n) or a fixed variance ratio ``grid_mult``; or pass ``scale``.
     Weights: maximum likelihood by mix-SQP (log-likelihood within ``tol * n`` of the
-    optimum). ``g`` holds ``pi``, ``scale`` (sds), ``pi0`` and ``mode``.
+    optimum, certified for any number of components: ``max_k`` caps only the automatic
+    rule, and a ``grid_mult`` or ``scale`` grid may have thousands). ``g`` holds ``pi``,
+    ``scale`` (sds), ``pi0`` and ``mode``.
     """
 
     name = "normal_scale_mixture"
