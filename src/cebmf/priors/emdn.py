@@ -4,8 +4,12 @@ g(theta; x_i) = sum_k pi_k(x_i) N(mu_k(x_i), sigma_k(x_i)^2) (``emdn``), plus a 
 pi_0(x_i) delta_0 (``spiked_emdn``); every weight, mean and sd is an output of one network.
 Component k has marginal N(x; mu_k, s^2 + sigma_k^2) and posterior N(m_k, v_k) with
 m_k = (x sigma_k^2 + mu_k s^2) / (sigma_k^2 + s^2), v_k = sigma_k^2 s^2 / (sigma_k^2 + s^2).
-A cold fit starts from the normal scale mixture fitted to the same data (its heaviest
-components, means 0).
+A cold fit starts from the best plain prior of the family found (constant network
+outputs): the normal scale mixture fitted to the same data, reduced to ``n_components``
+components (its heaviest ones, or its components merged into runs of neighbouring
+scales) and refined by EM over weights, means and sds; the network training then only
+accepts points of higher exact log-likelihood, so the fit is never below that plain
+mixture.
 """
 
 from __future__ import annotations
@@ -78,24 +82,60 @@ class Emdn(CovariatePrior):
         return 3 * self.n_components + int(self.spiked)
 
     def _plain_start(self, x, s, setup):
-        ash = NormalScaleMixture()
-        grid = ash._fresh_grid(x, s)
+        """Output biases of the best plain prior of this family found (constant network
+        outputs: one mixture of ``n_components`` normals, plus the point mass for
+        ``spiked_emdn``), fitted to these data.
+
+        Two starts come from the normal scale mixture fitted on its grid (means 0): its
+        ``n_components`` heaviest components, and its used components merged into
+        ``n_components`` runs of neighbouring scales (weights added, variances averaged by
+        weight). Each gets a short EM over the weights, means and sds (see
+        :func:`_em_normal_mixture`; n x K work per iteration), and EM continues from the
+        better one; its result is kept unless the heaviest components as they are have a
+        higher exact log-likelihood under this family (its sd bounds included).
+        """
+        pi0, pi, scale = self._ash_components(x, s)
+        k = self.n_components
+        n = x.numel()
+        # a short EM from each start picks one, whose EM then continues
+        fits = [
+            _em_normal_mixture(x, s, w, np.zeros(k), sd, pi0, _EM_SCREEN_ITER)
+            for w, sd in (_heaviest(pi, scale, k), _merged(pi, scale, k))
+        ]
+        w, mu, sd, w0, _ = max(fits, key=lambda f: f[-1])
+        w, mu, sd, w0, _ = _em_normal_mixture(x, s, w, mu, sd, w0, _EM_MAX_ITER)
+        best = self._bias(w, mu, sd, w0).to(dtype=x.dtype, device=x.device)
+        # the family's exact log-likelihood (its sd bounds included) of each start; the
+        # heaviest components of the scale mixture as they are stay a candidate
+        w, sd = _heaviest(pi, scale, k)
+        plain = self._bias(w, np.zeros(k), sd, pi0).to(dtype=x.dtype, device=x.device)
+        cands = [best, plain]
+        lls = [self._loglik_of(b.expand(n, -1), {}, x, s.expand_as(x), setup) for b in cands]
+        return cands[int(lls[1] > lls[0])], {}
+
+    def _ash_components(self, x, s):
+        """``(pi0, pi, scale)``: the normal scale mixture fitted to these data (with the
+        point mass only for ``spiked_emdn``; pi0 None otherwise), its components without
+        weight left out."""
+        grid = NormalScaleMixture()._fresh_grid(x, s)
         fit = NormalScaleMixture(scale=grid if self.spiked else grid[1:]).fit(x, s)
         pi, scale = np.asarray(fit.g["pi"]), np.asarray(fit.g["scale"])
+        pi0 = None
         if self.spiked:
-            pi0, pi, scale = pi[0], pi[1:], scale[1:]
-        top = np.argsort(-pi)[: self.n_components]
-        top = np.sort(top)
-        k = self.n_components
-        w = np.full(k, 0.0)
-        sd = np.full(k, scale[top].max() if top.size else 1.0)
-        w[: top.size] = pi[top]
-        sd[: top.size] = scale[top]
-        log_w = np.log(np.maximum(w, 1e-300))
-        bias = [np.maximum(log_w, _MIN_LOG_WEIGHT), np.zeros(k), np.log(sd)]
+            pi0, pi, scale = float(pi[0]), pi[1:], scale[1:]
+        used = pi > 0
+        if not used.any():  # everything in the point mass
+            return pi0, np.full(1, 1e-300), scale[-1:]
+        return pi0, pi[used], scale[used]
+
+    def _bias(self, w, mu, sd, pi0: float | None) -> torch.Tensor:
+        """Output biases (float64) of the constant prior with weights ``w``, means ``mu``
+        and sds ``sd`` (and point-mass weight ``pi0``)."""
+        log_w = np.maximum(np.log(np.maximum(w, 1e-300)), _MIN_LOG_WEIGHT)
+        bias = [log_w, mu, np.log(np.maximum(sd, 1e-300))]
         if self.spiked:
             bias.insert(0, [max(math.log(max(pi0, 1e-300)), _MIN_LOG_WEIGHT)])
-        return torch.as_tensor(np.concatenate(bias), dtype=x.dtype, device=x.device), {}
+        return torch.as_tensor(np.concatenate(bias), dtype=torch.float64)
 
     def _split(self, out, setup):
         k = self.n_components
@@ -193,3 +233,77 @@ class SpikedEmdn(Emdn):
 
     name = "spiked_emdn"
     spiked = True
+
+
+def _heaviest(pi: np.ndarray, scale: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` heaviest components (in scale order), padded with weightless copies of
+    the widest one."""
+    top = np.sort(np.argsort(-pi)[:k])
+    w = np.zeros(k)
+    sd = np.full(k, scale[top].max())
+    w[: top.size], sd[: top.size] = pi[top], scale[top]
+    return w, sd
+
+
+def _merged(pi: np.ndarray, scale: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The components merged into ``min(k, K)`` runs of neighbouring scales, as equal in
+    size as possible: weights added, variances averaged by weight; padded as in
+    :func:`_heaviest`."""
+    runs = np.array_split(np.arange(pi.size), min(k, pi.size))
+    w = np.array([pi[r].sum() for r in runs])
+    sd = np.array([math.sqrt(float(pi[r] @ scale[r] ** 2) / pi[r].sum()) for r in runs])
+    pad = k - w.size
+    return np.r_[w, np.zeros(pad)], np.r_[sd, np.full(pad, sd.max())]
+
+
+#: EM of the plain start: at most this many iterations; it stops earlier once an iteration
+#: gains less than ``_EM_TOL`` per observation.
+_EM_MAX_ITER = 300
+_EM_TOL = 1e-9
+#: EM iterations of each start before one is chosen.
+_EM_SCREEN_ITER = 30
+
+
+def _em_normal_mixture(x, s, w, mu, sd, pi0, max_iter: int = _EM_MAX_ITER):
+    """EM for the prior sum_k w_k N(mu_k, sd_k^2) (+ w0 delta_0 when ``pi0`` is not None)
+    of normal means x_i ~ N(theta_i, s_i^2), in float64 on the data's device. The complete
+    data are (component, theta): the E-step gives responsibilities and each component's
+    posterior mean m and variance v of theta; the M-step sets w_k to the mean
+    responsibility, mu_k to the responsibility-weighted mean of m and sd_k^2 to that
+    of (m - mu_k)^2 + v. Each iteration raises the marginal log-likelihood.
+    Stops when an iteration gains less than ``_EM_TOL`` per observation. Returns numpy
+    ``(w, mu, sd, w0)`` and the log-likelihood of the last E-step (at these parameters,
+    or one iteration before them when ``max_iter`` ran out)."""
+    xd = x.to(torch.float64)[:, None]
+    s2 = (s.to(torch.float64) ** 2).expand_as(x.to(torch.float64))[:, None]
+    w_all = np.r_[pi0, w] if pi0 is not None else w
+    log_w = torch.as_tensor(np.log(np.maximum(w_all, 1e-300)), device=x.device)
+    mu = torch.as_tensor(mu, dtype=torch.float64, device=x.device)
+    var = torch.as_tensor(sd, dtype=torch.float64, device=x.device) ** 2
+    j = int(pi0 is not None)
+    n = x.numel()
+    if j:
+        spike = -0.5 * (math.log(2 * math.pi) + torch.log(s2) + xd * xd / s2)
+    last = -math.inf
+    for _ in range(max_iter):
+        tot = var + s2
+        log_lik = -0.5 * (math.log(2 * math.pi) + torch.log(tot) + (xd - mu) ** 2 / tot)
+        if j:
+            log_lik = torch.cat([spike.expand(-1, 1), log_lik], dim=1)
+        log_joint = log_lik + log_w
+        log_marg = torch.logsumexp(log_joint, dim=1, keepdim=True)
+        total = float(log_marg.sum())
+        gain, last = total - last, total
+        if gain < _EM_TOL * n:
+            break
+        resp = torch.exp(log_joint - log_marg)
+        r_sum = resp.sum(0)
+        log_w = torch.log(r_sum.clamp(min=1e-300) / n)
+        r, rs = resp[:, j:], r_sum[j:].clamp(min=1e-300)
+        m = (xd * var + mu * s2) / tot
+        v = var * s2 / tot
+        mu = (r * m).sum(0) / rs
+        var = ((r * ((m - mu) ** 2 + v)).sum(0) / rs).clamp(min=1e-300)
+    w_out = torch.exp(log_w).cpu().numpy()
+    w0 = float(w_out[0]) if j else None
+    return w_out[j:], mu.cpu().numpy(), var.sqrt().cpu().numpy(), w0, last
