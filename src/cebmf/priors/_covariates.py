@@ -9,8 +9,9 @@ log-likelihood as the plain families,
 by full-batch L-BFGS on the data's device. The network starts either from the warm state
 of the previous call, or (cold) from a plain prior's fit (the matching plain family; for
 emdn the best plain mixture of its own family), with output weights 0 and output biases
-reproducing that prior exactly, so the fit is never worse than that plain prior. The best parameters seen (by exact log-likelihood) are returned, so a warm-started
-call never lowers the log-likelihood of its starting point.
+reproducing that prior exactly, so the fit is never worse than that plain prior. The best
+parameters seen (by exact log-likelihood) are returned, so a warm-started call never
+lowers the log-likelihood of its starting point.
 """
 
 from __future__ import annotations
