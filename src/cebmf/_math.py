@@ -148,10 +148,8 @@ def normal_sign_probs(
 
 # Gauss-Legendre rule on [0, 1] for short integrals of the smooth hazard in
 # :func:`_log_tail_ratio` (5 nodes: error ~ (d / 4)^10 relative on intervals d <= 0.1).
-_GL_T, _GL_W = (
-    0.5 * (np.asarray(v) + 1.0) if i == 0 else 0.5 * np.asarray(v)
-    for i, v in enumerate(np.polynomial.legendre.leggauss(5))
-)
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(5)  # on [-1, 1]
+_GL_T, _GL_W = 0.5 * (_GL_NODES + 1.0), 0.5 * _GL_WEIGHTS
 # Above this d * max(a, 1) the subtraction in :func:`_log_tail_ratio` keeps a relative
 # accuracy of ~1e-14; below it the difference of the scaled tails is integrated instead.
 _TAIL_NEAR = 0.1

@@ -25,6 +25,8 @@ class MixturePrior(Prior):
     """Base class: g = sum_k pi_k g_k with component scales ``scale`` (scale[0] = 0 is
     the point mass at the mode)."""
 
+    g_keys = ("pi", "scale")
+
     def __init__(self, mode: float = 0.0, *, scale=None, tol: float = 1e-8) -> None:
         super().__init__(mode)
         self.scale = None if scale is None else self._check_scale(scale, "scale")

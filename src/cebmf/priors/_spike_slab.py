@@ -146,10 +146,7 @@ class SpikeSlabPrior(Prior):
     def _theta_from_g(self, g: dict[str, Any]) -> tuple[float, float]:
         if not self.has_spike:
             return (0.0, self._g_to_eta(g))
-        pi0 = float(g["pi0"])
-        if not 0.0 <= pi0 <= 1.0:
-            raise ValueError(f"g_init['pi0'] must be in [0, 1], got {pi0}.")
-        return (pi0, self._g_to_eta(g))
+        return (float(g["pi0"]), self._g_to_eta(g))  # pi0 in [0, 1]: see check_g
 
     def _value(self, data: _Data, pi0: float, l1: torch.Tensor | None) -> torch.Tensor:
         """f(pi0, eta) as a float64 0-dim tensor (no device sync) from the slab's

@@ -164,7 +164,7 @@ class Prior(ABC):
                 f"{argname} has mode {g_mode} but mode={self.mode} was requested; "
                 f"pass mode={g_mode} or a g_init with mode {self.mode}."
             )
-        missing = [k for k in self._required_g_keys() if k not in g]
+        missing = [k for k in self.g_keys if k not in g]
         if missing:
             raise ValueError(
                 f"{argname} lacks the key(s) {missing} of a {self.name!r} prior (it has "
@@ -172,14 +172,6 @@ class Prior(ABC):
             )
         if not self.uses_covariates:
             _check_g_values(g, argname)
-
-    def _required_g_keys(self) -> tuple[str, ...]:
-        """:attr:`g_keys`; the fixed-grid mixtures need their weights and scales."""
-        if self.g_keys:
-            return self.g_keys
-        from ._mixture import MixturePrior  # here: that module imports this one
-
-        return ("pi", "scale") if isinstance(self, MixturePrior) else ()
 
 
 def _check_g_values(g: dict[str, Any], argname: str) -> None:

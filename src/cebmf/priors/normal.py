@@ -92,10 +92,8 @@ class Normal(_NormalSlab):
 
     @staticmethod
     def _g_to_tau(g: dict[str, Any]) -> float:
-        scale = float(g["scale"])
-        if not (scale >= 0 and math.isfinite(scale)):
-            raise ValueError(f"g_init['scale'] must be a finite number >= 0, got {scale}.")
-        return scale * scale
+        """sigma^2 of a ``g`` already checked by :meth:`check_g` (scale finite, >= 0)."""
+        return float(g["scale"]) ** 2
 
 
 def _normal_mle(x: torch.Tensor, s: torch.Tensor, warm: list[float]) -> float:

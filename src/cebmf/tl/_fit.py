@@ -71,7 +71,14 @@ def _prepare_matrix(
         else np.nansum(np.asarray(x, dtype=np.float64), 1)
     )
     sub = x if mask.all() else x[:, np.flatnonzero(mask)]
-    y, resolved = _transform(sub, transform, sf, target_sum, totals, f"{prefix}transform")
+    y, resolved = apply_transform(
+        sub,
+        transform,
+        size_factors=sf,
+        target_sum=target_sum,
+        totals=totals,
+        argname=f"{prefix}transform",
+    )
     if sf is not None and resolved != "log1p_normalize":
         raise ValueError(
             f"{prefix}size_factors is used only by the 'log1p_normalize' transform, but "
@@ -123,16 +130,15 @@ class PreparedMatrix:
     source: Any
 
 
-def _fitted_cells(signal: np.ndarray, obs_names, prefix: str = "") -> np.ndarray:
+def _fitted_cells(signal: np.ndarray, obs_names) -> np.ndarray:
     """Indices of the cells with some signal; the others are left out (and said so)."""
     cells = np.flatnonzero(signal)
     if cells.size == 0:
-        raise ValueError(f"{prefix}no cell has any signal in the fitted genes.")
+        raise ValueError("no cell has any signal in the fitted genes.")
     if cells.size < signal.size:
         logger.warning(
-            "%s%d of %d cell(s) have no signal in the fitted genes (all zero) and are left "
+            "%d of %d cell(s) have no signal in the fitted genes (all zero) and are left "
             "out of the fit (zero rows in obsm): %s",
-            prefix,
             signal.size - cells.size,
             signal.size,
             shortlist(obs_names[~signal], 5),
@@ -142,26 +148,6 @@ def _fitted_cells(signal: np.ndarray, obs_names, prefix: str = "") -> np.ndarray
 
 def _take_rows(y, cells: np.ndarray, n: int):
     return y if cells.size == n else y[cells]
-
-
-def _transform(x, transform, sf, target_sum, totals, argname):
-    if transform in ("auto", "log1p_normalize"):
-        from ..data.transforms import log1p_normalize
-        from ._inputs import check_not_negative_counts, is_integer_counts
-
-        if transform == "auto" and not is_integer_counts(x):
-            check_not_negative_counts(x, argname)
-            return apply_transform(x, None, argname=argname)
-        values = x.data if sp.issparse(x) else np.asarray(x)
-        if values.size and np.nanmin(values) < 0:
-            raise ValueError(
-                f"{argname}={transform!r} needs non-negative counts, but the "
-                "data hold negative values; pass transform=None."
-            )
-        return log1p_normalize(
-            x, target_sum=target_sum, size_factors=sf, totals=totals
-        ), "log1p_normalize"
-    return apply_transform(x, transform, size_factors=sf, target_sum=target_sum, argname=argname)
 
 
 def _engine_options(y, made_here: bool, device, options: dict[str, Any]) -> dict[str, Any]:
@@ -515,7 +501,7 @@ def _fit_mudata(
         raise ValueError(
             "data is backed on disk; load it into memory first (mdata = mdata.to_memory())."
         )
-    check_key_free(mdata, key_added, mods)
+    check_key_free(mdata, key_added)
     out = mdata.copy() if copy else mdata
     preps = {}
     for m in mods:
@@ -581,7 +567,7 @@ def _fit_mudata(
         _write_varm(
             mod.varm, res.F[cols], res.F_sd[cols], res.F_lfsr[cols], rows[m], mod.n_vars, key_added
         )
-        var_mask[m] = np.isin(np.arange(mod.n_vars), rows[m])
+        var_mask[m] = _mask(rows[m], mod.n_vars)
         noise_sd[m] = full_rows(
             np.asarray(res.noise_sd)[cols][:, None], rows[m], mod.n_vars, np.nan
         )[:, 0]

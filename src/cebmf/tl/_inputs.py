@@ -50,23 +50,21 @@ def _integer_valued(values: np.ndarray) -> bool:
     return bool(np.all(values == np.round(values)))
 
 
-def is_integer_counts(x) -> bool:
-    """True for non-negative integer values (the raw counts that ``"auto"`` normalises)."""
+def resolve_auto(x, argname: str = "transform") -> str | None:
+    """What ``transform="auto"`` means for ``x``: ``"log1p_normalize"`` for non-negative
+    integer values (raw counts), None for anything else (e.g. log-normalised data). Integer
+    values some of which are negative are neither, most likely corrupted counts: an error
+    rather than a fit of the raw integers."""
     values = _values(x)
-    return _integer_valued(values) and bool(values.size == 0 or values.min() >= 0)
-
-
-def check_not_negative_counts(x, argname: str) -> None:
-    """``transform="auto"`` on integer values some of which are negative: neither counts nor
-    transformed data (log-normalised values are not integers), so most likely corrupted
-    counts; refuse rather than fit the raw integers."""
-    values = _values(x)
-    if values.size and _integer_valued(values) and values.min() < 0:
+    if not _integer_valued(values):
+        return None
+    if values.size and values.min() < 0:
         raise ValueError(
             f"{argname}='auto': the data are integers, but {int((values < 0).sum())} of them "
             "are negative, so they are not counts; fix the counts, or pass transform=None "
             "to fit the values as they are."
         )
+    return "log1p_normalize"
 
 
 def apply_transform(
@@ -75,19 +73,21 @@ def apply_transform(
     *,
     size_factors: np.ndarray | None = None,
     target_sum: float = DEFAULT_TARGET_SUM,
+    totals: np.ndarray | None = None,
     argname: str = "transform",
 ):
     """Transform a count matrix into the data that are factorised; returns
     ``(matrix, resolved transform name)``. Sparse stays sparse, the input is never
-    modified (every transform returns a new matrix, ``None`` returns the input)."""
+    modified (every transform returns a new matrix, ``None`` returns the input).
+    ``totals``: the library sizes of ``"log1p_normalize"`` (default: the row sums of
+    ``x``; pass the sums over all genes when ``x`` is a subset of them)."""
     if transform not in TRANSFORMS:
         raise ValueError(
             f"{argname}={transform!r} is not a transform; choose one of "
             f"{', '.join(map(repr, TRANSFORMS))}."
         )
     if transform == "auto":
-        check_not_negative_counts(x, argname)
-        transform = "log1p_normalize" if is_integer_counts(x) else None
+        transform = resolve_auto(x, argname)
         logger.info("transform='auto' -> %s", transform)
     if transform is None:
         return x, "none"
@@ -98,7 +98,9 @@ def apply_transform(
             "values; pass transform=None for data that are already transformed."
         )
     if transform == "log1p_normalize":
-        return log1p_normalize(x, target_sum=target_sum, size_factors=size_factors), transform
+        return log1p_normalize(
+            x, target_sum=target_sum, size_factors=size_factors, totals=totals
+        ), transform
     if transform == "log1p":
         if sp.issparse(x):
             out = sp.csr_matrix(x, dtype=np.float64, copy=True)

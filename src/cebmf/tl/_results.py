@@ -83,7 +83,7 @@ def _output_names(key: str) -> tuple[set[str], set[str]]:
     return obsm, varm
 
 
-def check_key_free(data, key: str, mods: list[str] | None = None) -> None:
+def check_key_free(data, key: str) -> None:
     """Refuse a ``key_added`` whose outputs would overwrite those of another fit recorded
     in ``data.uns`` (e.g. ``key_added="cebmf_sd"`` next to a fit under ``"cebmf"``, whose
     loadings' sds are ``obsm["X_cebmf_sd"]``). Refitting under the same key is allowed."""
