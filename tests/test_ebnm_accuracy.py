@@ -647,15 +647,21 @@ def test_normal_sign_probs_with_point_masses():
     np.testing.assert_array_equal(p_ge[~normal], [1.0, 1.0, 0.0])
 
 
-def test_truncnorm_sign_probs_against_mpmath():
+@pytest.mark.parametrize("on_host", [True, False], ids=["subsets", "where"])
+def test_truncnorm_sign_probs_against_mpmath(on_host, monkeypatch):
     """P(theta <= c), P(theta >= c) for N(mean, sd^2) truncated to [0, inf), against
     60-digit mpmath, relative to each probability's own size, where the truncation point
     lies far in either tail (alpha = -mean/sd up to 1e7) and the gap d = c/sd to the sign
-    boundary is as small as 1e-12: log Phi differences of size alpha^2/2 cancel there."""
+    boundary is as small as 1e-12: log Phi differences of size alpha^2/2 cancel there.
+    Both ways of computing the special cases: on their own entries (CPU) and on every
+    entry selected by torch.where (accelerators, no host sync)."""
     import mpmath as mp
     import torch
 
+    import cebmf._math
     from cebmf._math import truncnorm_sign_probs
+
+    monkeypatch.setattr(cebmf._math, "subset_on_host", lambda device: on_host)
 
     mp.mp.dps = 60
     alpha = np.array([-1e4, -50.0, -20.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 5.0, 50.0, 1e4, 1e7])
@@ -682,6 +688,39 @@ def test_truncnorm_sign_probs_against_mpmath():
             # exact zero below ~1e-217 (flushed, as everywhere in cebmf)
             tol = 1e-12 * want if want > 1e-200 else 1e-200
             assert abs(got - want) <= tol, (a[i], d[i], got, want)
+
+
+@pytest.mark.parametrize(
+    "prior, mode",
+    [
+        ("point_exponential", -0.2),
+        ("point_exponential", 0.0),
+        ("point_laplace", 0.3),
+        ("generalized_binary", 0.0),
+        ("nonnegative_mixture", -0.1),
+    ],
+)
+def test_sync_free_special_cases_give_the_cpu_results(prior, mode, monkeypatch):
+    """The special cases computed on every entry and selected by torch.where (the path
+    taken on accelerators, without host syncs) give the CPU path's fit and posteriors,
+    on data reaching every case (tails far beyond the continued-fraction threshold, gaps
+    to the mode small and large)."""
+    import cebmf._math
+
+    rng = np.random.default_rng(17)
+    n = 3000
+    theta = np.where(rng.random(n) < 0.6, 0.0, rng.exponential(2.0, n))
+    s = np.exp(rng.uniform(np.log(1e-3), np.log(30.0), n))
+    x = theta + mode + s * rng.standard_normal(n)
+    x[:40] = mode - 400.0 * s[:40]  # alpha far beyond 5 for the truncated normals
+    fits = {}
+    for on_host in (True, False):
+        monkeypatch.setattr(cebmf._math, "subset_on_host", lambda device, v=on_host: v)
+        fits[on_host] = cebmf.ebnm(x, s, prior, mode=mode)
+    a, b = fits[True], fits[False]
+    assert b.loglik == pytest.approx(a.loglik, rel=1e-12)
+    for field in ("mean", "sd", "lfsr"):
+        np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-9, atol=1e-300)
 
 
 # ---------------------------------------------------------------------------------------

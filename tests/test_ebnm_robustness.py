@@ -501,3 +501,21 @@ def test_mode_none_means_the_default_and_prior_refuses_it():
     assert cebmf.ebnm(x, 1.0, "point_normal", mode=None).g["mode"] == 0.0
     with pytest.raises(TypeError, match=r"mode must be a finite number, got None"):
         get_prior("point_normal", mode=None)
+
+
+def test_state_of_another_family_is_refused_and_own_state_warm_starts():
+    """A state names its family; another family's state (or a non-dict) is refused with
+    an error naming ``state``, while the family's own state reaches the same optimum."""
+    rng = np.random.default_rng(3)
+    x = np.where(rng.random(400) < 0.7, 0.0, rng.normal(0, 3, 400)) + rng.normal(size=400)
+    ash = cebmf.ebnm(x, 1.0, "ash")
+    pn = cebmf.ebnm(x, 1.0, "point_normal")
+    assert ash.state["family"] == "normal_scale_mixture"
+    assert pn.state["family"] == "point_normal"
+    with pytest.raises(ValueError, match=r"state comes from a fit of the 'normal_scale_mixture'"):
+        cebmf.ebnm(x, 1.0, "point_normal", state=ash.state)
+    with pytest.raises(TypeError, match=r"state must be the `state` dict"):
+        cebmf.ebnm(x, 1.0, "point_normal", state=[0.3, 1.0])
+    warm = cebmf.ebnm(x, 1.0, "point_normal", state=pn.state)
+    assert warm.loglik == pytest.approx(pn.loglik, abs=1e-6)
+    assert warm.g["pi0"] == pytest.approx(pn.g["pi0"], abs=1e-5)

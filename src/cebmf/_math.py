@@ -34,6 +34,34 @@ def exp_flushed(d: torch.Tensor) -> torch.Tensor:
     return d.masked_fill_(d < cutoff, -math.inf).exp_()
 
 
+def subset_on_host(device: torch.device) -> bool:
+    """Whether a special case is computed on its own entries (CPU: boolean indexing, and
+    nothing when no entry needs it) rather than on every entry and selected with
+    ``torch.where`` (accelerators, where sizing a boolean subset is a host sync)."""
+    return device.type == "cpu"
+
+
+def where_apply(mask: torch.Tensor, fn, base, *args: torch.Tensor):
+    """``base`` (a tensor or a tuple of tensors) with ``fn(*args)`` written where ``mask``
+    holds. On the CPU ``fn`` sees only those entries (and is skipped when there are
+    none); elsewhere it sees every entry and ``torch.where`` keeps the masked ones, so
+    ``fn`` must accept every entry (values off the mask, NaN included, are discarded).
+    ``mask`` and ``args`` have one shape; ``fn`` returns what ``base`` is made of."""
+    single = isinstance(base, torch.Tensor)
+    bases = (base,) if single else tuple(base)
+    if subset_on_host(mask.device):
+        if not bool(mask.any()):
+            return base
+        vals = fn(*(a[mask] for a in args))
+        vals = (vals,) if single else vals
+        out = tuple(b.masked_scatter(mask, v.to(b.dtype)) for b, v in zip(bases, vals, strict=True))
+    else:
+        vals = fn(*args)
+        vals = (vals,) if single else vals
+        out = tuple(torch.where(mask, v.to(b.dtype), b) for b, v in zip(bases, vals, strict=True))
+    return out[0] if single else out
+
+
 class _RowLogSumExp(torch.autograd.Function):
     """log sum_k exp(a_ik) of each row of an (n, K) tensor with a finite maximum."""
 
@@ -78,11 +106,7 @@ def log_scaled_ndtr(u: torch.Tensor) -> torch.Tensor:
     """
     # erfcx form: exact for u <= 5 (no overflow: erfcx(-5/sqrt 2) ~ 5e5)
     out = torch.log(0.5 * torch.special.erfcx(-u.clamp(max=5.0) / SQRT2))
-    big = u > 5.0
-    if bool(big.any()):
-        ub = u[big]
-        out = out.masked_scatter(big, 0.5 * ub * ub + torch.special.log_ndtr(ub))
-    return out
+    return where_apply(u > 5.0, lambda ub: 0.5 * ub * ub + torch.special.log_ndtr(ub), out, u)
 
 
 def std_truncnorm_moments(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,17 +128,18 @@ def std_truncnorm_moments(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     lam = SQRT_2_OVER_PI / torch.special.erfcx(a_direct / SQRT2)
     delta = lam - a_direct
     var = 1.0 - lam * delta
-    far = alpha > threshold
-    if bool(far.any()):
-        a_cf = alpha[far]
+
+    def continued_fraction(a_cf):
+        a_cf = a_cf.clamp(min=threshold)  # entries off the mask (accelerators) stay finite
         t = torch.zeros_like(a_cf)
         t2 = t
         for k in range(depth, 0, -1):
             if k == 1:
                 t2 = t.clone()
             t = torch.add(a_cf, t).reciprocal_().mul_(k)
-        delta = delta.masked_scatter(far, t)
-        var = var.masked_scatter(far, t * (t2 - t))
+        return t, t * (t2 - t)
+
+    delta, var = where_apply(alpha > threshold, continued_fraction, (delta, var), alpha)
     return delta.to(dtype), var.clamp(min=0.0).to(dtype)
 
 
@@ -169,14 +194,15 @@ def _log_tail_ratio(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     b = a + d
     quad = 0.5 * d * (a + b)
     m_diff = torch.log(torch.special.erfcx(b / SQRT2) / torch.special.erfcx(a / SQRT2))
-    near = d * a.clamp(min=1.0) < _TAIL_NEAR
-    if bool(near.any()):
-        an, dn = a[near], d[near]
-        nodes = torch.as_tensor(_GL_T, dtype=a.dtype, device=a.device)
-        weights = torch.as_tensor(_GL_W, dtype=a.dtype, device=a.device)
-        t = an[:, None] + dn[:, None] * nodes  # (m, 5)
+    nodes = torch.as_tensor(_GL_T, dtype=a.dtype, device=a.device)
+    weights = torch.as_tensor(_GL_W, dtype=a.dtype, device=a.device)
+
+    def integrated(an, dn):
+        t = an[..., None] + dn[..., None] * nodes  # (m, 5)
         excess, _ = std_truncnorm_moments(t)  # h(t) - t, smooth and in (0, 0.8]
-        m_diff = m_diff.masked_scatter(near, -dn * (excess @ weights))
+        return -dn * (excess @ weights)
+
+    m_diff = where_apply(d * a.clamp(min=1.0) < _TAIL_NEAR, integrated, m_diff, a, d)
     return m_diff - quad
 
 
@@ -206,28 +232,27 @@ def truncnorm_sign_probs(
     alpha = (lower - mean) / sd
     beta = (c - mean) / sd
     d = (c - lower) / sd
-    p_le, p_ge = torch.empty_like(alpha), torch.empty_like(alpha)
-    # each case on its own entries (these are the expensive special functions)
+    nan = torch.full_like(alpha, math.nan)
+
+    def both_upper(a, dd):
+        r = _log_tail_ratio(a, dd)
+        return -torch.expm1(r), exp_flushed(r)
+
+    def below_upper(a, b, dd):
+        # P(theta >= c) = Phi(-beta) / Phi(-alpha); log Phi(-alpha) in [log 1/2, 0]
+        log_norm = torch.special.log_ndtr(-a)
+        # beta <= 0: log P(theta <= c) = log Phi(beta) + log(1 - e^r) - log Phi(-alpha);
+        # alpha < 0 < beta: (erf(beta') - erf(alpha')) / 2, two terms of opposite sign
+        r = _log_tail_ratio((-b).clamp(min=0.0), dd)
+        le_low = torch.special.log_ndtr(b) + torch.log(-torch.expm1(r))
+        le_mixed = torch.log(0.5 * (torch.erf(b / SQRT2) - torch.erf(a / SQRT2)))
+        le = torch.where(b <= 0, le_low, le_mixed)
+        return exp_flushed(le - log_norm), exp_flushed(torch.special.log_ndtr(-b) - log_norm)
+
+    # each case on its own entries on the CPU (these are the expensive special functions)
     upper = alpha >= 0
-    if bool(upper.any()):
-        r = _log_tail_ratio(alpha[upper], d[upper])
-        p_le[upper] = -torch.expm1(r)
-        p_ge[upper] = exp_flushed(r)
-    rest = ~upper
-    if bool(rest.any()):
-        a, b, dr = alpha[rest], beta[rest], d[rest]
-        log_norm = torch.special.log_ndtr(-a)  # log Phi(-alpha), in [log 1/2, 0]
-        p_ge[rest] = exp_flushed(torch.special.log_ndtr(-b) - log_norm)
-        le = torch.empty_like(a)
-        low = b <= 0  # log P(theta <= c) = log Phi(beta) + log(1 - e^r) - log Phi(-alpha)
-        if bool(low.any()):
-            r = _log_tail_ratio(-b[low], dr[low])
-            le[low] = torch.special.log_ndtr(b[low]) + torch.log(-torch.expm1(r))
-        mixed = ~low
-        if bool(mixed.any()):
-            am, bm = a[mixed], b[mixed]
-            le[mixed] = torch.log(0.5 * (torch.erf(bm / SQRT2) - torch.erf(am / SQRT2)))
-        p_le[rest] = exp_flushed(le - log_norm)
+    p_le, p_ge = where_apply(upper, both_upper, (nan, nan), alpha, d)
+    p_le, p_ge = where_apply(~upper, below_upper, (p_le, p_ge), alpha, beta, d)
     return p_le.clamp(0.0, 1.0).to(dtype), p_ge.clamp(0.0, 1.0).to(dtype)
 
 

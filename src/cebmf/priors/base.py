@@ -120,8 +120,28 @@ class Prior(ABC):
             self.check_g(g_init, "g_init")
         if fix_g and g_init is None:
             raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
+        if state is not None:
+            self._check_state(state)
         with threads_for(x.numel(), x.device):
-            return self._fit(x, s, covariates=covariates, state=state, g_init=g_init, fix_g=fix_g)
+            res = self._fit(x, s, covariates=covariates, state=state, g_init=g_init, fix_g=fix_g)
+        if isinstance(res.state, dict):
+            res.state.setdefault("family", self.name)
+        return res
+
+    def _check_state(self, state: Any) -> None:
+        """A ``state`` must be the ``result.state`` dict of an earlier fit of this family
+        (its ``family`` entry, when present, names it)."""
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be the `state` dict of an earlier fit (result.state), got "
+                f"{type(state).__name__}."
+            )
+        family = state.get("family", self.name)
+        if family != self.name:
+            raise ValueError(
+                f"state comes from a fit of the {family!r} prior but the prior family is "
+                f"{self.name!r}; pass the state of an earlier {self.name!r} fit, or none."
+            )
 
     def _check_covariates(self, covariates, x: torch.Tensor) -> torch.Tensor:
         if covariates is None:
