@@ -257,6 +257,58 @@ def test_emdn_sd_bounds_across_warm_starts(family):
     assert held.loglik >= before.loglik
 
 
+def _plain_mixture_loglik(plain: dict, unit: float, x: np.ndarray, s: float) -> float:
+    """Exact log-likelihood (numpy) of a saved plain mixture, given in units of ``unit``."""
+    w, mu, sd = (np.asarray(plain[k], dtype=np.float64) for k in ("w", "mu", "sd"))
+    comps = [
+        np.log(np.maximum(w, 1e-300))
+        + stats.norm.logpdf(x[:, None], mu * unit, np.sqrt((sd * unit) ** 2 + s * s))
+    ]
+    w0 = float(np.asarray(plain["w0"]))
+    if not math.isnan(w0):
+        comps.append(np.log(max(w0, 1e-300)) + stats.norm.logpdf(x, 0.0, s)[:, None])
+    return float(special.logsumexp(np.hstack(comps), axis=1).sum())
+
+
+@pytest.mark.parametrize("family", ["emdn", "spiked_emdn"])
+def test_emdn_state_keeps_the_plain_mixture_in_its_units(family):
+    """Each call saves the plain mixture it started from (in the call's units), and the
+    next call adds it to the scale-mixture starts. In data units (numpy), that mixture is
+    at least as likely as the scale mixture's five heaviest components renormalised (the
+    cold start's guarantee) and within 1e-3 per observation of the scale mixture itself,
+    on the first call and on a warm call with data 1e4 times larger; carried into other
+    units with the network, it is the same prior."""
+    cov, _, x = simulate(seed=12)
+    prior = get_prior(family)
+    ct, one = torch.tensor(cov), torch.ones(1, dtype=torch.float64)
+    spiked = family == "spiked_emdn"
+    first = None
+    for scale in (1.0, 1e4):
+        xs = scale * x
+        res = prior.fit(torch.tensor(xs), one, ct, state=None if first is None else first.state)
+        plain = res.state["plain_mixture"]
+        assert math.isnan(float(plain["w0"])) != spiked
+        got = _plain_mixture_loglik(plain, float(res.state["unit"]), xs, 1.0)
+        ash = cebmf.ebnm(xs, 1.0, "normal_scale_mixture")
+        pi, sc = np.asarray(ash.g["pi"]), np.asarray(ash.g["scale"])
+        top = np.argsort(-pi)[:5]
+        top = top[pi[top] > 0]
+        log_w = np.log(pi[top] / pi[top].sum())
+        sd = np.sqrt(sc[top] ** 2 + 1.0)
+        heavy = special.logsumexp(log_w + stats.norm.logpdf(xs[:, None], 0.0, sd), axis=1).sum()
+        assert got >= heavy - 1e-9 * abs(heavy), (scale, got, heavy)
+        assert got >= ash.loglik - 1e-3 * xs.size, (scale, got, ash.loglik)
+        first = first or res
+    ratio = 37.0
+    moved = prior._state_in_units(first.state, ratio)["plain_mixture"]
+    unit = float(first.state["unit"])
+    np.testing.assert_allclose(
+        _plain_mixture_loglik(moved, unit / ratio, x, 1.0),
+        _plain_mixture_loglik(first.state["plain_mixture"], unit, x, 1.0),
+        rtol=1e-12,
+    )
+
+
 @pytest.mark.parametrize("with_x", [False, True])
 def test_self_covariates(with_x):
     """Other factors' loadings as covariates, with or without X_l: the fit runs, each

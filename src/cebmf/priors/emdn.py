@@ -46,8 +46,12 @@ class Emdn(CovariatePrior):
         if warm is not None and "log_sd_bounds" in warm:
             # the saved network's sds are only the same prior with the same bounds
             lo, hi = (float(v) for v in np.asarray(warm["log_sd_bounds"]))
-            return {"log_sd_lo": lo, "log_sd_hi": hi}
-        return self._fresh_bounds(x, s)
+            setup = {"log_sd_lo": lo, "log_sd_hi": hi}
+        else:
+            setup = self._fresh_bounds(x, s)
+        if warm is not None and "plain_mixture" in warm:
+            setup["plain_warm"] = _plain_from_state(warm["plain_mixture"], self.spiked)
+        return setup
 
     @staticmethod
     def _fresh_bounds(x, s) -> dict[str, float]:
@@ -76,7 +80,16 @@ class Emdn(CovariatePrior):
         return {**setup, "log_sd_lo": lo, "log_sd_hi": hi}
 
     def _state_entries(self, setup):
-        return {"log_sd_bounds": np.array([setup["log_sd_lo"], setup["log_sd_hi"]])}
+        entries = {"log_sd_bounds": np.array([setup["log_sd_lo"], setup["log_sd_hi"]])}
+        if "plain_fit" in setup:
+            w, mu, sd, w0 = setup["plain_fit"]
+            entries["plain_mixture"] = {
+                "w": w,
+                "mu": mu,
+                "sd": sd,
+                "w0": np.asarray(np.nan if w0 is None else w0),
+            }
+        return entries
 
     def _n_outputs(self, setup):
         return 3 * self.n_components + int(self.spiked)
@@ -93,25 +106,38 @@ class Emdn(CovariatePrior):
         :func:`_em_normal_mixture`; n x K work per iteration), and EM continues from the
         better one; its result is kept unless the heaviest components as they are have a
         higher exact log-likelihood under this family (its sd bounds included).
+
+        A warm call (``setup['plain_warm']``: the plain mixture of the previous call, in
+        these units) adds that mixture as a third start, and EM continues from the best
+        start for ``_EM_SCREEN_ITER`` iterations instead of up to ``_EM_MAX_ITER``: the
+        saved network is a candidate of the warm start too, so this plain candidate only
+        has to follow the data (the two scale-mixture starts keep it from falling behind
+        when they moved far, e.g. standard errors that shrank ten-fold).
         """
         pi0, pi, scale = self._ash_components(x, s)
         k = self.n_components
         n = x.numel()
         # a short EM from each start picks one, whose EM then continues
-        fits = [
-            _em_normal_mixture(x, s, w, np.zeros(k), sd, pi0, _EM_SCREEN_ITER)
-            for w, sd in (_heaviest(pi, scale, k), _merged(pi, scale, k))
+        starts = [
+            (w, np.zeros(k), sd, pi0) for w, sd in (_heaviest(pi, scale, k), _merged(pi, scale, k))
         ]
+        warm = setup.get("plain_warm")
+        if warm is not None:
+            starts.append(warm)
+        fits = [_em_normal_mixture(x, s, *start, _EM_SCREEN_ITER) for start in starts]
         w, mu, sd, w0, _ = max(fits, key=lambda f: f[-1])
-        w, mu, sd, w0, _ = _em_normal_mixture(x, s, w, mu, sd, w0, _EM_MAX_ITER)
+        final_iter = _EM_MAX_ITER if warm is None else _EM_SCREEN_ITER
+        w, mu, sd, w0, _ = _em_normal_mixture(x, s, w, mu, sd, w0, final_iter)
         best = self._bias(w, mu, sd, w0).to(dtype=x.dtype, device=x.device)
         # the family's exact log-likelihood (its sd bounds included) of each start; the
         # heaviest components of the scale mixture as they are stay a candidate
-        w, sd = _heaviest(pi, scale, k)
-        plain = self._bias(w, np.zeros(k), sd, pi0).to(dtype=x.dtype, device=x.device)
-        cands = [best, plain]
+        heavy_w, heavy_sd = _heaviest(pi, scale, k)
+        plain = self._bias(heavy_w, np.zeros(k), heavy_sd, pi0)
+        cands = [best, plain.to(dtype=x.dtype, device=x.device)]
         lls = [self._loglik_of(b.expand(n, -1), {}, x, s.expand_as(x), setup) for b in cands]
-        return cands[int(lls[1] > lls[0])], {}
+        chosen = int(lls[1] > lls[0])
+        setup["plain_fit"] = ((w, mu, sd, w0), (heavy_w, np.zeros(k), heavy_sd, pi0))[chosen]
+        return cands[chosen], {}
 
     def _ash_components(self, x, s):
         """``(pi0, pi, scale)``: the normal scale mixture fitted to these data (with the
@@ -196,7 +222,13 @@ class Emdn(CovariatePrior):
         net["out.bias"][mu] *= ratio
         net["out.bias"][log_sd] += math.log(ratio)
         bounds = np.asarray(state["log_sd_bounds"], dtype=np.float64) + math.log(ratio)
-        return {**state, "network": net, "log_sd_bounds": bounds}
+        out = {**state, "network": net, "log_sd_bounds": bounds}
+        if "plain_mixture" in state:
+            plain = dict(state["plain_mixture"])
+            plain["mu"] = np.asarray(plain["mu"]) * ratio
+            plain["sd"] = np.asarray(plain["sd"]) * ratio
+            out["plain_mixture"] = plain
+        return out
 
     def _g_to_data_units(self, g, unit):
         g["mu_mean"] = g["mu_mean"] * unit
@@ -262,6 +294,17 @@ _EM_MAX_ITER = 300
 _EM_TOL = 1e-9
 #: EM iterations of each start before one is chosen.
 _EM_SCREEN_ITER = 30
+
+
+def _plain_from_state(plain: dict, spiked: bool):
+    """``(w, mu, sd, w0)`` of a saved plain mixture (``state['plain_mixture']``)."""
+    w0 = float(np.asarray(plain["w0"])) if spiked else None
+    return (
+        np.asarray(plain["w"], dtype=np.float64),
+        np.asarray(plain["mu"], dtype=np.float64),
+        np.asarray(plain["sd"], dtype=np.float64),
+        w0,
+    )
 
 
 def _em_normal_mixture(x, s, w, mu, sd, pi0, max_iter: int = _EM_MAX_ITER):
