@@ -5,6 +5,7 @@ and the closed-form marginal likelihoods of ``tests/reference.py``.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -464,6 +465,31 @@ def test_odd_but_valid_inputs():
     before = y.copy()
     cebmf.fit_ebmf(y)
     np.testing.assert_array_equal(y, before)
+
+
+def test_read_only_inputs_fit_silently_and_stay_as_they_were():
+    """Read-only arrays (memory-mapped data, a frozen view) are fitted like writable ones,
+    without torch's non-writable warning, and are not changed (NaN entries included)."""
+    y, *_ = simulate(n=40, p=30, seed=19, sd=0.5)
+    y[2, 3] = np.nan
+    ref = cebmf.fit_ebmf(y)
+    frozen = y.copy()
+    frozen.flags.writeable = False
+    x = np.linspace(-3.0, 3.0, 50)
+    x.flags.writeable = False
+    cov = np.linspace(0.0, 1.0, 40)[:, None] ** [1, 2]
+    frozen_cov = cov.copy()
+    frozen_cov.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = cebmf.fit_ebmf(frozen)
+        ebnm = cebmf.ebnm(x, 1.0, "point_normal")
+        moderated = cebmf.fit_ebmf(frozen, prior_loadings="cash", X_l=frozen_cov, max_iter=5)
+    assert res.elbo == pytest.approx(ref.elbo, rel=1e-12)
+    np.testing.assert_array_equal(frozen, y)
+    assert ebnm.loglik == pytest.approx(cebmf.ebnm(x.copy(), 1.0, "point_normal").loglik)
+    writable = cebmf.fit_ebmf(y, prior_loadings="cash", X_l=cov, max_iter=5)
+    assert moderated.elbo == pytest.approx(writable.elbo, rel=1e-12)
 
 
 def test_masked_array_entries_are_missing():

@@ -3,6 +3,7 @@ that name the argument and the fix)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,18 @@ def resolve_seed(random_state: Any, name: str = "random_state") -> int:
     )
 
 
+def tensor_view(arr: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(arr)``, sharing memory (copied only if ``arr`` is not
+    C-contiguous), without torch's warning for read-only arrays (e.g. memory-mapped data):
+    cebmf never writes to its inputs."""
+    arr = np.ascontiguousarray(arr)
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
+
+
 def as_vector(value: Any, name: str) -> tuple[torch.Tensor, bool]:
     """A 1-D floating tensor from a numpy array, torch tensor or sequence.
 
@@ -49,7 +62,7 @@ def as_vector(value: Any, name: str) -> tuple[torch.Tensor, bool]:
             raise TypeError(f"{name} must be real, got a complex array.")
         if arr.dtype not in (np.float32, np.float64):
             arr = arr.astype(np.float64)
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = tensor_view(arr)
     else:
         t = value.detach()
         if t.is_complex():
@@ -138,7 +151,7 @@ def covariate_matrix(
         arr = np.asarray(value)
         if arr.dtype == object or arr.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}.")
-        t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float64))
+        t = tensor_view(arr.astype(np.float64, copy=False))
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .._validation import check_magnitude, non_numeric_columns
+from .._validation import check_magnitude, non_numeric_columns, tensor_view
 from .matrix import DataMatrix, DenseData, SparseData
 
 
@@ -125,7 +125,7 @@ def as_data_matrix(
         arr = _as_numeric_array(y, name)
         if arr.ndim != 2:  # before ascontiguousarray, which makes a scalar 1-D
             raise ValueError(f"{name} must be 2-dimensional, got shape {arr.shape}.")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = tensor_view(arr)
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-dimensional, got shape {tuple(t.shape)}.")
     _check_shape(tuple(t.shape), name)

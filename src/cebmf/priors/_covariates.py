@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .._math import exp_flushed, logsumexp_rows
+from .._validation import tensor_view
 from ._posterior import chunked, combine
 from .base import EBNMResult, Prior
 
@@ -424,7 +425,7 @@ class CovariatePrior(Prior):
     def network_outputs(self, g: dict, covariates) -> torch.Tensor:
         """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""
         self.check_g(g, "g")
-        cov = torch.as_tensor(np.asarray(covariates, dtype=np.float64))
+        cov = tensor_view(np.asarray(covariates, dtype=np.float64))
         if cov.ndim == 1:
             cov = cov[:, None]
         z, _ = standardize(cov, g["covariate_stats"])
