@@ -519,3 +519,21 @@ def test_state_of_another_family_is_refused_and_own_state_warm_starts():
     warm = cebmf.ebnm(x, 1.0, "point_normal", state=pn.state)
     assert warm.loglik == pytest.approx(pn.loglik, abs=1e-6)
     assert warm.g["pi0"] == pytest.approx(pn.g["pi0"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "prior, typo, listed",
+    [
+        ("ash", "gridmult", "grid_mult"),
+        ("emdn", "n_component", "n_components"),
+        ("emdn", "hiden", "weight_decay"),
+        ("point_normal", "maxiter", "max_iter"),
+    ],
+)
+def test_unknown_prior_option_names_the_prior_and_its_options(prior, typo, listed):
+    """A misspelt option is refused naming the family and listing its real options (those
+    a family passes on to its parent's constructor included)."""
+    with pytest.raises(
+        TypeError, match=rf"has no option\(s\) \['{typo}'\]; its options .*{listed}"
+    ):
+        cebmf.ebnm(np.array([1.0, -2.0, 0.5]), 1.0, prior, **{typo: 1})

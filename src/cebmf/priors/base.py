@@ -10,6 +10,7 @@ over g, and returns posterior summaries of theta under the fitted g.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -269,4 +270,26 @@ def get_prior(prior: str | Prior, **options: Any) -> Prior:
     if key not in _REGISTRY:
         names = ", ".join(available_priors() + sorted(_ALIASES))
         raise ValueError(f"unknown prior {prior!r}; known prior families: {names}.")
-    return _REGISTRY[key](**options)
+    cls = _REGISTRY[key]
+    unknown = sorted(set(options) - set(prior_options(cls)))
+    if unknown:
+        raise TypeError(
+            f"prior {key!r} has no option(s) {unknown}; its options are "
+            f"{', '.join(prior_options(cls))}."
+        )
+    return cls(**options)
+
+
+def prior_options(cls: type[Prior]) -> list[str]:
+    """Keyword options of a prior family's constructor, following ``**kwargs`` that a
+    class passes on to its parent's constructor."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
