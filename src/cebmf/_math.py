@@ -98,15 +98,20 @@ def log_normal_pdf(x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + torch.log(var) + x * x / var)
 
 
-def log_scaled_ndtr(u: torch.Tensor) -> torch.Tensor:
-    r"""``u**2 / 2 + log Phi(u)``, stable for every real ``u``.
+def log_tilted_ndtr(z: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    r"""``-z**2 / 2 + log M(z - c)`` with ``M(u) = exp(u**2 / 2) Phi(u)``, for ``c >= 0``,
+    i.e. ``-c z + c**2 / 2 + log Phi(z - c)``: the log of the exponential-slab marginal's
+    kernel, without subtracting two terms of size ``z**2 / 2`` (float32 loses 0.03 nats
+    at ``|z| = 1e3`` that way, and everything beyond ``1e4``).
 
-    For ``u <= 5`` this is ``log(erfcx(-u / sqrt 2) / 2)``, which neither overflows nor
-    cancels; above, the direct form has no cancellation.
+    With ``u = z - c``: for ``u > 0``, ``-c (u + c / 2) + log Phi(u)``, terms of one sign
+    and ``log Phi(u)`` in ``[log 1/2, 0]``; for ``u <= 0``,
+    ``-z**2 / 2 + log(erfcx(-u / sqrt 2) / 2)``, whose second term is moderate.
     """
-    # erfcx form: exact for u <= 5 (no overflow: erfcx(-5/sqrt 2) ~ 5e5)
-    out = torch.log(0.5 * torch.special.erfcx(-u.clamp(max=5.0) / SQRT2))
-    return where_apply(u > 5.0, lambda ub: 0.5 * ub * ub + torch.special.log_ndtr(ub), out, u)
+    u = z - c
+    above = -c * (u + 0.5 * c) + torch.special.log_ndtr(u.clamp(min=0.0))
+    below = -0.5 * z * z + torch.log(0.5 * torch.special.erfcx(-u.clamp(max=0.0) / SQRT2))
+    return torch.where(u > 0, above, below)
 
 
 def std_truncnorm_moments(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +124,8 @@ def std_truncnorm_moments(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     ``lam = alpha + t1``, ``t_k = k / (alpha + t_{k+1})``, which gives
     ``delta = t1`` and ``var = t1 * (t2 - t1)`` without cancellation.
 
-    These are also the first two derivatives of ``log_scaled_ndtr(-alpha)``.
+    These are also the first two derivatives of ``log M(-alpha)``, ``M(u) = exp(u**2 / 2)
+    Phi(u)``.
     """
     dtype = alpha.dtype
     alpha = alpha.to(torch.float64)

@@ -10,7 +10,7 @@ import torch
 
 from .._math import (
     log_normal_pdf,
-    log_scaled_ndtr,
+    log_tilted_ndtr,
     std_truncnorm_moments,
     truncnorm_sign_probs,
 )
@@ -65,9 +65,8 @@ class NonnegativeMixture(MixturePrior):
         return slab, inv, u
 
     def _component_loglik(self, x, s, scale):
-        slab, inv, u = self._std(x, s, scale)
-        z = x / s
-        expo = torch.log(inv) - 0.5 * z * z + log_scaled_ndtr(u)
+        slab, inv, _ = self._std(x, s, scale)
+        expo = torch.log(inv) + log_tilted_ndtr(x / s, s * inv)
         return torch.where(slab, expo, log_normal_pdf(x, s * s))
 
     def _component_posterior(self, x, s, scale, c):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._math import exp_any, log_scaled_ndtr, std_truncnorm_moments, truncnorm_sign_probs
+from .._math import exp_any, log_tilted_ndtr, std_truncnorm_moments, truncnorm_sign_probs
 from ._spike_slab import SpikeSlabPrior
 from .base import register_prior
 
@@ -27,21 +27,21 @@ class PointExponential(SpikeSlabPrior):
     slab_m2 = 2.0
 
     def _slab_loglik(self, x, s, eta):
-        u = x / s - exp_any(-eta) * s
-        return -eta - 0.5 * (x / s) ** 2 + log_scaled_ndtr(u)
+        return -eta + log_tilted_ndtr(x / s, exp_any(-eta) * s)
 
     def _slab_derivs(self, x, s, eta):
         lam_s = exp_any(-eta) * s
         u = x / s - lam_s
-        l1 = -eta - 0.5 * (x / s) ** 2 + log_scaled_ndtr(u)
+        l1 = -eta + log_tilted_ndtr(x / s, lam_s)
         delta, var = std_truncnorm_moments(-u)
         d1 = -1.0 + delta * lam_s
         d2 = var * lam_s * lam_s - delta * lam_s
         return l1, d1, d2
 
     def _slab_pieces(self, x, s, eta, c):
-        u = x / s - exp_any(-eta) * s
-        l1 = -eta - 0.5 * (x / s) ** 2 + log_scaled_ndtr(u)
+        lam_s = exp_any(-eta) * s
+        u = x / s - lam_s
+        l1 = -eta + log_tilted_ndtr(x / s, lam_s)
         s = s.expand_as(x)
         delta, var = std_truncnorm_moments(-u)
         return [(l1, s * delta, s * s * var, *truncnorm_sign_probs(s * u, s, 0.0, c))]

@@ -4,7 +4,8 @@ With lambda = 1/b and u_+- = +-x/s - lambda s, the slab's marginal is
 
     p(x) = lambda/2 exp(-x^2 / (2 s^2)) [M(u_+) + M(u_-)],  M(u) = exp(u^2/2) Phi(u),
 
-(``log M`` is :func:`cebmf._math.log_scaled_ndtr`, exact in log space) and its posterior is
+(``-x^2 / (2 s^2) + log M(u)`` is :func:`cebmf._math.log_tilted_ndtr`, without
+cancellation) and its posterior is
 a two-piece mixture of N(x -+ lambda s^2, s^2) truncated to [0, inf) and (-inf, 0].
 """
 
@@ -18,7 +19,7 @@ import torch
 from .._math import (
     exp_any,
     exp_flushed,
-    log_scaled_ndtr,
+    log_tilted_ndtr,
     std_truncnorm_moments,
     truncnorm_sign_probs,
 )
@@ -41,8 +42,15 @@ class PointLaplace(SpikeSlabPrior):
         lam_s = exp_any(-eta) * s
         u_pos = x / s - lam_s
         u_neg = -x / s - lam_s
-        base = -eta - math.log(2.0) - 0.5 * (x / s) ** 2
-        return lam_s, u_pos, u_neg, base + log_scaled_ndtr(u_pos), base + log_scaled_ndtr(u_neg)
+        base = -eta - math.log(2.0)
+        z = x / s
+        return (
+            lam_s,
+            u_pos,
+            u_neg,
+            base + log_tilted_ndtr(z, lam_s),
+            base + log_tilted_ndtr(-z, lam_s),
+        )
 
     def _slab_loglik(self, x, s, eta):
         *_, lp, ln = self._halves(x, s, eta)
