@@ -178,7 +178,8 @@ def test_float32_exponential_slabs_match_float64_at_high_signal_to_noise(prior):
     """Nonnegative data with noise sd 1e-2 (|x| / s of the EBNM problems up to ~1e4): the
     float32 fit (the GPU default) follows the float64 one (to 2e-7 here). The exponential
     slabs' log marginals used to subtract two terms of size (x/s)^2 / 2, so these float32
-    fits ended up to 2,790 nats (4.5e-3) away from float64, with 5 factors instead of 3."""
+    fits ended up to 2,790 nats (4.5e-3) away from float64, or with 5 factors instead of
+    3."""
     rng = np.random.default_rng(1)
     n, p, k = 1000, 200, 3
     lo = rng.exponential(1, (n, k)) * (rng.random((n, k)) < 0.3)
