@@ -224,6 +224,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="fit_ebmf's device: auto, cpu, cuda")
     ap.add_argument("--dtype", default=None, help="fit_ebmf's dtype (default: its own)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cebmf-bench"))
+    ap.add_argument("--make-data", default=str(MAKE_DATA), help="path of make_data.py")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     return ap.parse_args(argv)
 
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
             path = Path(args.cache) / f"{name}.mtx"
             if not path.exists():
                 subprocess.run(
-                    [sys.executable, str(MAKE_DATA), *spec["args"], "--out", str(path)],
+                    [sys.executable, args.make_data, *spec["args"], "--out", str(path)],
                     check=True,
                     capture_output=True,
                 )
