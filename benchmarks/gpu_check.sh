@@ -26,7 +26,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider \
 echo "engine tests rc=$?"
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_engine_data.py tests/test_rotation.py
 echo "data / rotation tests rc=$?"
-# speed: the peer cases (their .mtx made first, ~30 s) and the 2e5 sparse case on the
+# speed: the peer cases (their .mtx made first, ~5 s) and the 2e5 sparse case on the
 # GPU in float32, then the peer cases in float64
 timeout 150 python3 benchmarks/bench_engine.py --cases peer,sparse --sizes 2e5 --no-pca \
     --device "$DEV" --dtype float32 --threads 16 --make-data .gpu/make_data.py
