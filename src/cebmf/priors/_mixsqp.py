@@ -142,8 +142,7 @@ def _solve(lik, pi_init, tol: float, max_iter: int, hessian_budget: float):
         # all of them carry hundreds of components for dozens of iterations)
         pi_init = torch.zeros(k, dtype=lik.dtype, device=lik.device)
         pi_init[::2] = _solve(lik[::2], None, tol, max_iter, hessian_budget)[0]
-    w = _start(lik, pi_init)
-    u = w @ lik
+    w, u = _start(lik, pi_init)
     obj = -torch.log(u).mean().item() + 1.0
     for it in range(max_iter + 1):
         g1 = (1.0 - (lik @ (1.0 / u)) / n).cpu().numpy()
@@ -165,17 +164,20 @@ def _solve(lik, pi_init, tol: float, max_iter: int, hessian_budget: float):
 _START_FLOOR = 1e-6
 
 
-def _start(lik: torch.Tensor, pi_init: torch.Tensor | None) -> torch.Tensor:
-    """The starting weights: ``pi_init`` on the simplex, else uniform; mixed with uniform
-    if they give some observation (nearly) zero likelihood."""
+def _start(lik: torch.Tensor, pi_init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting weights w and u = w A: ``pi_init`` on the simplex, else uniform; mixed
+    with uniform if they give some observation (nearly) zero likelihood."""
     k = lik.shape[0]
     if pi_init is None:
-        return torch.full((k,), 1.0 / k, dtype=lik.dtype, device=lik.device)
+        w = torch.full((k,), 1.0 / k, dtype=lik.dtype, device=lik.device)
+        return w, w @ lik
     w = pi_init.to(device=lik.device, dtype=lik.dtype).clamp(min=0.0)
     w = w / w.sum()
-    if not bool(((w @ lik) > _START_FLOOR * lik.mean(0)).all()):
-        w = 0.5 * w + 0.5 / k
-    return w
+    u = w @ lik
+    uniform = lik.mean(0)  # u of the uniform weights
+    if not bool((u > _START_FLOOR * uniform).all()):
+        w, u = 0.5 * w + 0.5 / k, 0.5 * u + 0.5 * uniform
+    return w, u
 
 
 def _hessian(lik, act: np.ndarray, inv_u: torch.Tensor, rows: float) -> np.ndarray:

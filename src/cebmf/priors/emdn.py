@@ -136,7 +136,11 @@ class Emdn(CovariatePrior):
         cands = [best, plain.to(dtype=x.dtype, device=x.device)]
         lls = [self._loglik_of(b.expand(n, -1), {}, x, s.expand_as(x), setup) for b in cands]
         chosen = int(lls[1] > lls[0])
-        setup["plain_fit"] = ((w, mu, sd, w0), (heavy_w, np.zeros(k), heavy_sd, pi0))[chosen]
+        if chosen:  # the prior of those biases: the heaviest weights renormalised
+            total = heavy_w.sum() + (pi0 or 0.0)
+            w, mu, sd = heavy_w / total, np.zeros(k), heavy_sd
+            w0 = None if pi0 is None else pi0 / total
+        setup["plain_fit"] = (w, mu, sd, w0)
         return cands[chosen], {}
 
     def _ash_components(self, x, s):

@@ -133,8 +133,7 @@ def _normal_mle(x: torch.Tensor, s: torch.Tensor, warm: list[float]) -> float:
         if fj >= left and fj >= right:
             lo, hi = grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)]
             cands.append(_refine_root(slope, lo, hi, grid[j]))
-    best = max(cands, key=lambda t: value([t])[0])
-    return best
+    return cands[int(np.argmax(value(cands)))]
 
 
 def _refine_root(slope, lo: float, hi: float, start: float) -> float:

@@ -28,6 +28,7 @@ from ._results import (
     factor_names,
     full_rows,
     h5_safe,
+    output_names,
     pve_by_block,
     uns_summary,
 )
@@ -404,16 +405,14 @@ def _mask(index: np.ndarray, n: int) -> np.ndarray:
 
 def _write_obsm(obsm, res, cells: np.ndarray, n_obs: int, key: str) -> None:
     """Loadings, sds and lfsr (N x K); zero rows for cells left out of the fit."""
-    obsm[f"X_{key}"] = full_rows(res.L, cells, n_obs, 0.0)
-    obsm[f"X_{key}_sd"] = full_rows(res.L_sd, cells, n_obs, 0.0)
-    obsm[f"X_{key}_lfsr"] = full_rows(res.L_lfsr, cells, n_obs, 0.0)
+    for name, values in zip(output_names(key)[0], (res.L, res.L_sd, res.L_lfsr), strict=True):
+        obsm[name] = full_rows(values, cells, n_obs, 0.0)
 
 
 def _write_varm(varm, f, f_sd, f_lfsr, rows, n_vars, key: str) -> None:
     """Factors, sds and lfsr (n_vars x K); zero rows for genes not fitted (as PCA)."""
-    varm[f"{key}_factors"] = full_rows(f, rows, n_vars, 0.0)
-    varm[f"{key}_factors_sd"] = full_rows(f_sd, rows, n_vars, 0.0)
-    varm[f"{key}_factors_lfsr"] = full_rows(f_lfsr, rows, n_vars, 0.0)
+    for name, values in zip(output_names(key)[1], (f, f_sd, f_lfsr), strict=True):
+        varm[name] = full_rows(values, rows, n_vars, 0.0)
 
 
 def _block_var_covariates(spec, mdata, mods, rows, sizes):

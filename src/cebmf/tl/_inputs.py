@@ -204,8 +204,7 @@ def _aligned(df: pd.DataFrame, index: pd.Index, argname: str, where: str) -> pd.
     if df.index.equals(index):
         return df
     if isinstance(df.index, pd.RangeIndex) and df.index.equals(pd.RangeIndex(len(index))):
-        if len(df) == len(index):
-            return df.set_axis(index, axis=0)
+        return df.set_axis(index, axis=0)
     names = "obs_names" if where == "cells" else "var_names"
     if len(df) == len(index) and df.index.is_unique and df.index.isin(index).all():
         return df.loc[index]

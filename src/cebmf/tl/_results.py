@@ -76,10 +76,10 @@ def uns_summary(res: EBMFResult, params: dict, covariates: dict, extra: dict) ->
     return h5_safe(record)
 
 
-def _output_names(key: str) -> tuple[set[str], set[str]]:
-    """The obsm and varm entries a fit under ``key`` writes."""
-    obsm = {f"X_{key}", f"X_{key}_sd", f"X_{key}_lfsr"}
-    varm = {f"{key}_factors", f"{key}_factors_sd", f"{key}_factors_lfsr"}
+def output_names(key: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """The obsm and varm entries a fit under ``key`` writes: (means, sds, lfsr) each."""
+    obsm = (f"X_{key}", f"X_{key}_sd", f"X_{key}_lfsr")
+    varm = (f"{key}_factors", f"{key}_factors_sd", f"{key}_factors_lfsr")
     return obsm, varm
 
 
@@ -87,12 +87,12 @@ def check_key_free(data, key: str) -> None:
     """Refuse a ``key_added`` whose outputs would overwrite those of another fit recorded
     in ``data.uns`` (e.g. ``key_added="cebmf_sd"`` next to a fit under ``"cebmf"``, whose
     loadings' sds are ``obsm["X_cebmf_sd"]``). Refitting under the same key is allowed."""
-    obsm, varm = _output_names(key)
+    obsm, varm = output_names(key)
     for other, record in data.uns.items():
         if other == key or not isinstance(record, Mapping) or "factor_names" not in record:
             continue
-        other_obsm, other_varm = _output_names(other)
-        clash = sorted((obsm & other_obsm) | (varm & other_varm))
+        other_obsm, other_varm = output_names(other)
+        clash = sorted(set(obsm) & set(other_obsm) | set(varm) & set(other_varm))
         if clash:
             raise ValueError(
                 f"key_added={key!r} would overwrite {', '.join(clash)} of the fit stored "
