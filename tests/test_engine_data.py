@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import shared_data
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cebmf
 
@@ -56,6 +58,11 @@ def test_sparse_fit_never_allocates_a_dense_matrix():
         n, p = 50_000, 2_000
         y = sp.random(n, p, density=0.01, format="csr", random_state=1,
                       data_rvs=lambda k: rng.poisson(3.0, k) + 1.0)
+        # two planted blocks on the stored entries, so that factors are fitted and swept
+        r, c = y.nonzero()
+        for share_n, share_p in ((0.3, 0.2), (0.2, 0.3)):
+            a, b = rng.random(n) < share_n, rng.random(p) < share_p
+            y.data[a[r] & b[c]] += 3.0
         y.data = np.log1p(y.data)
         cebmf.fit_ebmf(y[:100], max_factors=1, noise="constant")  # load every module
 
@@ -67,6 +74,7 @@ def test_sparse_fit_never_allocates_a_dense_matrix():
         before = status("VmRSS")
         res = cebmf.fit_ebmf(y, max_factors=4, max_iter=5)
         print(json.dumps({"peak": status("VmHWM") - before, "k": res.n_factors,
+                          "sweeps": res.n_iter,
                           "sparse": y.data.nbytes + y.indices.nbytes + y.indptr.nbytes}))
         """
     )
@@ -75,7 +83,60 @@ def test_sparse_fit_never_allocates_a_dense_matrix():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     dense_bytes = 50_000 * 2_000 * 8
-    assert info["k"] >= 0
+    assert info["k"] >= 2 and info["sweeps"] >= 1, info  # the blocks were fitted and swept
     # a dense N x P float64 would alone be 800 MB; the fit stays far below that
     assert info["peak"] < dense_bytes / 8, info
     assert info["peak"] < 4 * info["sparse"] + 100 * 2**20, info
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest dense (strided) tensor any torch operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("noise", ["constant", "row", "column", "offset"])
+def test_sparse_fit_creates_no_tensor_of_the_matrix_size(noise):
+    # every torch operation of the fit is watched (the products too, with the torch sparse
+    # kernels): with 5% non-zeros, no tensor may reach
+    # N P / 10 entries (the largest are the stored values, N P / 20, and the N x K / P x K
+    # factor matrices); the implicit column centring is applied inside the products only
+    rng = np.random.default_rng(3)
+    n, p = 3000, 400
+    y = sp.random(
+        n,
+        p,
+        density=0.05,
+        format="csr",
+        random_state=4,
+        data_rvs=lambda k: rng.poisson(3.0, k) + 1.0,
+    )
+    r, c = y.nonzero()
+    block = (rng.random(n) < 0.3)[r] & (rng.random(p) < 0.2)[c]
+    y.data = np.log1p(y.data) + 3.0 * block
+    data = y
+    if noise == "offset":
+        base = cebmf.data.as_data_matrix(
+            y, dtype=torch.float64, device=torch.device("cpu"), sparse_backend="torch"
+        )
+        means = torch.as_tensor(np.asarray(y.mean(0)).ravel())
+        data = cebmf.data.OffsetData(base, torch.ones(n, 1, dtype=torch.float64), means[:, None])
+    watch = _LargestTensor()
+    with watch:
+        res = cebmf.fit_ebmf(
+            data,
+            max_factors=5,
+            noise="constant" if noise == "offset" else noise,
+            sparse_backend="torch",  # the products too run through torch, where they are seen
+        )
+    assert res.n_factors >= 1 and res.n_iter >= 1
+    assert watch.numel < n * p / 10, (watch.numel, watch.op)
