@@ -570,6 +570,25 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, random_state="0")
 
 
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu", "cpu:0x", "tpu"])
+def test_devices_other_than_cpu_and_cuda_are_refused_by_name(device):
+    # mps and meta used to fail deep inside (no float64 / no .item() on meta tensors)
+    y, *_ = simulate(n=30, p=20, seed=19)
+    with pytest.raises(ValueError, match=f"device={device!r}.*use 'auto'"):
+        cebmf.fit_ebmf(y, device=device)
+
+
+def test_cuda_devices_are_checked_before_the_fit(monkeypatch):
+    y, *_ = simulate(n=30, p=20, seed=19)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda:1' was requested but CUDA is not avai"):
+        cebmf.fit_ebmf(y, device="cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device='cuda:2': this machine has 2 CUDA device"):
+        cebmf.fit_ebmf(y, device="cuda:2")
+
+
 def test_random_state_takes_generators_and_none():
     y, *_ = simulate(n=80, p=50, k=2, sd=0.5, seed=20)
     a = cebmf.fit_ebmf(y, random_state=np.random.default_rng(5))

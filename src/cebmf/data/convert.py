@@ -23,8 +23,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(
             f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'."
         ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available; use 'auto'.")
+    if dev.type not in ("cpu", "cuda"):
+        # other backends (mps, xpu, meta, ...) lack the float64 and sparse kernels the
+        # engine needs
+        raise ValueError(
+            f"device={device!r}: cebmf runs on 'cpu' or 'cuda' devices only; use 'auto', "
+            "'cpu' or 'cuda'."
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available; use 'auto' or 'cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s), numbered from 0; use 'cuda' or 'cuda:0' to "
+                f"'cuda:{torch.cuda.device_count() - 1}'."
+            )
     return dev
 
 
