@@ -570,6 +570,20 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, random_state="0")
 
 
+@pytest.mark.parametrize(
+    "flag", ["greedy", "backfit", "nullcheck", "rotate", "progress", "keep_ebnm_inputs"]
+)
+def test_switches_must_be_booleans(flag):
+    # backfit="no" used to count as True
+    y, *_ = simulate(n=30, p=20, seed=19)
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        cebmf.fit_ebmf(y, **{flag: "no"})
+    with pytest.raises(TypeError, match="fix_g must be True or False, got 1"):
+        cebmf.ebnm(np.ones(5), 1.0, fix_g=1)
+    res = cebmf.fit_ebmf(y, **{flag: np.bool_(False)})  # numpy booleans are switches too
+    assert np.isfinite(res.elbo)
+
+
 @pytest.mark.parametrize("device", ["mps", "meta", "xpu", "cpu:0x", "tpu"])
 def test_devices_other_than_cpu_and_cuda_are_refused_by_name(device):
     # mps and meta used to fail deep inside (no float64 / no .item() on meta tensors)

@@ -408,6 +408,10 @@ def test_more_bad_inputs_are_refused_before_fitting(counts, tmp_path):
     logged.X = np.log1p(logged.X.astype(np.float64))
     with pytest.raises(ValueError, match="size_factors is used only by the 'log1p_normalize'"):
         cebmf.tl.fit(logged, size_factors="n_counts", **FAST)
+    for flag in ("intercept", "copy", "progress"):  # "no" used to count as True
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+            cebmf.tl.fit(a, **{flag: "no"}, **FAST)
+    assert "X_cebmf" not in a.obsm
     cebmf.tl.fit(a, **FAST)
     with pytest.raises(ValueError, match=r"key_added='cebmf_sd' would overwrite X_cebmf_sd"):
         cebmf.tl.fit(a, key_added="cebmf_sd", **FAST)

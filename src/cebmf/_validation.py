@@ -33,6 +33,14 @@ def resolve_seed(random_state: Any, name: str = "random_state") -> int:
     )
 
 
+def check_flags(**flags: Any) -> None:
+    """Each keyword is an on/off switch: True or False (numpy bools too). A string such as
+    ``"no"`` or ``"False"`` would otherwise count as True."""
+    for name, value in flags.items():
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
 def tensor_view(arr: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy(arr)``, sharing memory (copied only if ``arr`` is not
     C-contiguous), without torch's warning for read-only arrays (e.g. memory-mapped data):

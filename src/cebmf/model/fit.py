@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import covariate_matrix, resolve_seed
+from .._validation import check_flags, covariate_matrix, resolve_seed
 from ..data.convert import as_data_matrix, resolve_device, resolve_dtype
 from ..priors.base import Prior, get_prior
 from .engine import Engine
@@ -208,6 +208,15 @@ def fit_ebmf(
     -------
     EBMFResult
     """
+    check_flags(
+        greedy=greedy,
+        backfit=backfit,
+        nullcheck=nullcheck,
+        rotate=rotate,
+        progress=progress,
+        keep_ebnm_inputs=keep_ebnm_inputs,
+        self_covariates=self_covariates,
+    )
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_noise(noise)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .._threads import threads_for
-from .._validation import check_mode, covariate_matrix, real_array
+from .._validation import check_flags, check_mode, covariate_matrix, real_array
 
 
 @dataclass
@@ -119,6 +119,7 @@ class Prior(ABC):
             covariates = self._check_covariates(covariates, x)
         if g_init is not None:
             self.check_g(g_init, "g_init")
+        check_flags(fix_g=fix_g)
         if fix_g and g_init is None:
             raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
         if state is not None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import resolve_seed, shortlist
+from .._validation import check_flags, resolve_seed, shortlist
 from ..data.convert import resolve_device
 from ..data.transforms import column_sums_of_squares, row_sums_of_squares
 from ..model.fit import fit_ebmf
@@ -278,6 +278,7 @@ def fit(
         raise ValueError(f"key_added must be a non-empty string without '/', got {key_added!r}.")
     if isinstance(n_factors, bool) or not isinstance(n_factors, int | np.integer) or n_factors < 1:
         raise ValueError(f"n_factors must be a positive integer, got {n_factors!r}.")
+    check_flags(intercept=intercept, copy=copy, progress=progress)
     random_state = resolve_seed(random_state)  # params record the seed actually used
     if md is not None and isinstance(data, md.MuData):
         return _fit_mudata(
