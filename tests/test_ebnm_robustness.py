@@ -212,11 +212,22 @@ def _mp_slab(family, x, s, prior):
         (np.ones((2, 2)), 1.0, r"x must be 1-dimensional"),
         (np.array([]), 1.0, r"x is empty"),
         (np.array(["a", "b"]), 1.0, r"x must be numeric"),
+        # a masked entry used to be read as data (its hidden value)
+        (np.ma.masked_array([1.0, 9.0], [False, True]), 1.0, r"x is a masked array with 1 m"),
+        (np.ones(2), np.ma.masked_array([1.0, 1.0], [True, True]), r"s is a masked array wi"),
     ],
 )
 def test_bad_inputs_name_the_argument(x, s, match):
     with pytest.raises((ValueError, TypeError), match=match):
         cebmf.ebnm(x, s, "point_normal")
+
+
+def test_masked_arrays_without_masked_entries_are_plain_data():
+    x = np.array([0.5, -2.0, 4.0])
+    a = cebmf.ebnm(np.ma.masked_array(x, mask=False), np.ma.masked_array(np.ones(3)))
+    b = cebmf.ebnm(x, 1.0)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
+    assert a.loglik == pytest.approx(b.loglik, rel=1e-12)
 
 
 def test_unknown_prior_lists_known_names():

@@ -570,6 +570,20 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, random_state="0")
 
 
+def test_masked_side_inputs_are_refused_not_read():
+    # np.asarray drops a mask: the hidden values used to be read as covariates / loadings
+    y, *_ = simulate(n=30, p=20, seed=19)
+    hidden = np.ma.masked_array(np.ones((30, 1)), mask=np.arange(30)[:, None] == 0)
+    with pytest.raises(ValueError, match="X_l is a masked array with 1 masked entries; cov"):
+        cebmf.fit_ebmf(y, X_l=hidden, prior_loadings="cash")
+    with pytest.raises(ValueError, match="fixed_loadings is a masked array with 1 masked"):
+        cebmf.fit_ebmf(y, fixed_loadings=hidden)
+    with pytest.raises(ValueError, match=r"init\[0\] \(L0\) is a masked array with 1"):
+        cebmf.fit_ebmf(y, init=(hidden, np.ones((20, 1))))
+    plain = cebmf.fit_ebmf(y, fixed_loadings=np.ma.masked_array(np.ones(30)))  # nothing masked
+    assert plain.elbo == cebmf.fit_ebmf(y, fixed_loadings=np.ones(30)).elbo
+
+
 @pytest.mark.parametrize(
     "flag", ["greedy", "backfit", "nullcheck", "rotate", "progress", "keep_ebnm_inputs"]
 )

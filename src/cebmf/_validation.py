@@ -41,6 +41,14 @@ def check_flags(**flags: Any) -> None:
             raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
+def refuse_masked(value: Any, name: str, fix: str) -> None:
+    """A numpy masked array with masked entries is refused (``np.asarray`` would drop the
+    mask and read the hidden values as data); one with none is plain data."""
+    if np.ma.isMaskedArray(value) and np.ma.getmaskarray(value).any():
+        n_masked = int(np.ma.getmaskarray(value).sum())
+        raise ValueError(f"{name} is a masked array with {n_masked} masked entries; {fix}.")
+
+
 def tensor_view(arr: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy(arr)``, sharing memory (copied only if ``arr`` is not
     C-contiguous), without torch's warning for read-only arrays (e.g. memory-mapped data):
@@ -60,6 +68,12 @@ def as_vector(value: Any, name: str) -> tuple[torch.Tensor, bool]:
     floating dtypes float32; float32/float64 are kept. The input is never modified.
     """
     was_numpy = not isinstance(value, torch.Tensor)
+    refuse_masked(
+        value,
+        name,
+        "the normal means problem has no missing observations: drop them (x.compressed() "
+        "and the matching standard errors)",
+    )
     if was_numpy:
         arr = np.asarray(value)
         if arr.dtype == object or not (
@@ -145,6 +159,7 @@ def covariate_matrix(
     covariate; finite, one row per ``rows`` (e.g. "observation", "row of Y")."""
     if sp.issparse(value):
         value = value.toarray()
+    refuse_masked(value, name, "covariates cannot be missing: impute or drop those entries")
     bad = non_numeric_columns(value)
     if bad:
         raise TypeError(

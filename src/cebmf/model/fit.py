@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_flags, covariate_matrix, resolve_seed
+from .._validation import check_flags, covariate_matrix, refuse_masked, resolve_seed
 from ..data.convert import as_data_matrix, resolve_device, resolve_dtype
 from ..priors.base import Prior, get_prior
 from .engine import Engine
@@ -97,6 +97,7 @@ def _check_zero_lines(data, noise: str) -> None:
 
 
 def _as_matrix(x, n: int, argname: str, dtype, device) -> torch.Tensor:
+    refuse_masked(x, argname, "give every entry a value")
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise TypeError(f"{argname} must be numeric, got dtype {arr.dtype}.")
