@@ -229,6 +229,9 @@ def _frame_block(df: pd.DataFrame, argname: str) -> tuple[np.ndarray, list[str]]
 
 
 def _numeric_block(value, argname: str) -> np.ndarray:
+    if np.ma.isMaskedArray(value) and value.dtype.kind in "biuf":
+        # masked entries are missing (NaN), not their hidden values: refused where fitted
+        value = np.ma.filled(value.astype(np.float64), np.nan)
     arr = value.toarray() if sp.issparse(value) else np.asarray(value)
     if arr.ndim == 1:
         arr = arr[:, None]
