@@ -4,6 +4,7 @@ ELBO checks recompute the objective of DESIGN.md section 3 independently with de
 and the closed-form marginal likelihoods of ``tests/reference.py``.
 """
 
+import logging
 import math
 import warnings
 
@@ -568,6 +569,18 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, fixed_loadings=np.c_[np.ones(30), np.zeros(30)])
     with pytest.raises(TypeError, match="random_state must be an int, None or a numpy random"):
         cebmf.fit_ebmf(y, random_state="0")
+
+
+def test_max_factors_above_the_matrix_rank_is_capped_and_logged(caplog):
+    y, *_ = simulate(n=30, p=6, k=2, sd=0.3, seed=23)
+    with caplog.at_level(logging.INFO, logger="cebmf"):
+        res = cebmf.fit_ebmf(y, max_factors=50)
+    assert "max_factors=50 is more than a 30 x 6 matrix allows: at most 6" in caplog.text
+    assert 1 <= res.n_factors <= 6
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cebmf"):
+        cebmf.fit_ebmf(y, max_factors=6)
+    assert "max_factors" not in caplog.text
 
 
 def test_masked_side_inputs_are_refused_not_read():

@@ -325,6 +325,14 @@ def fit_ebmf(
 
     bar = _progress(progress)
     cap = min(int(max_factors), n, p)
+    if cap < max_factors:
+        logger.info(
+            "max_factors=%d is more than a %d x %d matrix allows: at most %d factors are added",
+            max_factors,
+            n,
+            p,
+            cap,
+        )
 
     def n_learned() -> int:
         fixed = zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
