@@ -548,3 +548,37 @@ def test_unknown_prior_option_names_the_prior_and_its_options(prior, typo, liste
         TypeError, match=rf"has no option\(s\) \['{typo}'\]; its options .*{listed}"
     ):
         cebmf.ebnm(np.array([1.0, -2.0, 0.5]), 1.0, prior, **{typo: 1})
+
+
+_LFSR_CASES = [(f, 0.0) for f in (*FAMILIES, "cash", "cgb", "emdn")] + [
+    (f, 0.7)
+    for f in FAMILIES
+    if f != "flat"  # flat takes no mode
+]
+
+
+@pytest.mark.parametrize(("family", "mode"), _LFSR_CASES)
+def test_skipping_the_lfsr_changes_nothing_else_and_fix_g_restores_it(family, mode):
+    # the EBMF engine's updates fit with lfsr=False and recompute the lfsr at the end from
+    # the fitted g (fix_g): both steps must reproduce the plain fit
+    _, x = _sim(400, seed=7, nonneg=family in NONNEG)
+    x = torch.as_tensor(x + mode)
+    s = torch.as_tensor(np.random.default_rng(8).uniform(0.5, 2.0, 400))
+    cov = torch.as_tensor(np.random.default_rng(9).normal(size=(400, 2)))
+    prior = get_prior(family, mode=mode) if mode else get_prior(family)
+    kw = {"covariates": cov} if prior.uses_covariates else {}
+    torch.manual_seed(0)
+    full = prior.fit(x, s, **kw)
+    torch.manual_seed(0)
+    lean = prior.fit(x, s, lfsr=False, **kw)
+    assert lean.lfsr is None
+    for name in ("mean", "mean2", "sd"):
+        torch.testing.assert_close(getattr(lean, name), getattr(full, name), rtol=0, atol=0)
+    assert lean.loglik == full.loglik
+    if mode and family in NONNEG:  # theta >= 0.7: never at or below 0
+        assert float(full.lfsr.max()) == 0.0
+    else:
+        assert float(full.lfsr.min()) < 0.05 and float(full.lfsr.max()) > 0.3
+    if not prior.uses_covariates:
+        again = prior.fit(x, s, g_init=full.g, fix_g=True, **kw)
+        torch.testing.assert_close(again.lfsr, full.lfsr, rtol=1e-9, atol=1e-12)

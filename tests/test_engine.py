@@ -14,6 +14,7 @@ import pytest
 import reference as ref
 import scipy.sparse as sp
 import torch
+from scipy import special, stats
 
 import cebmf
 from cebmf.data import as_data_matrix
@@ -569,6 +570,60 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, fixed_loadings=np.c_[np.ones(30), np.zeros(30)])
     with pytest.raises(TypeError, match="random_state must be an int, None or a numpy random"):
         cebmf.fit_ebmf(y, random_state="0")
+
+
+def _point_normal_lfsr(x, s, pi0, scale):
+    """min(P(theta <= 0), P(theta >= 0)) under pi0 delta_0 + (1 - pi0) N(0, scale^2), by
+    scipy (the spike counts on both sides)."""
+    v = s**2 + scale**2
+    log_spike = np.log(pi0) + stats.norm.logpdf(x, scale=s) if pi0 > 0 else -np.inf
+    log_slab = np.log1p(-pi0) + stats.norm.logpdf(x, scale=np.sqrt(v))
+    w = np.exp(log_slab - np.logaddexp(log_spike, log_slab))  # P(slab | x)
+    m, sd = x * scale**2 / v, s * scale / np.sqrt(v)
+    below = stats.norm.cdf(-m / sd)
+    return np.minimum(1 - w + w * below, 1 - w + w * (1 - below))
+
+
+def _point_exponential_lfsr(x, s, pi0, rate):
+    """P(theta = 0 | x) under pi0 delta_0 + (1 - pi0) Exp(rate): P(theta >= 0) = 1."""
+    log_spike = np.log(pi0) + stats.norm.logpdf(x, scale=s)
+    log_slab = (
+        np.log1p(-pi0)
+        + np.log(rate)
+        + 0.5 * (rate * s) ** 2
+        - rate * x
+        + special.log_ndtr(x / s - rate * s)
+    )
+    return np.exp(log_spike - np.logaddexp(log_spike, log_slab))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_lfsr_of_the_fit_matches_scipy_for_the_last_update(sparse):
+    # the engine's updates skip the lfsr and compute it once at the end, from each side's
+    # last EBNM problem and fitted prior: checked here against scipy, for loadings with
+    # column noise (one s for all cells), factors (one s per gene), a nonnegative prior and
+    # the flat side of a fixed intercept
+    y, *_ = simulate(n=150, p=70, k=3, sd=0.7, seed=31, nonneg=True)
+    y = np.abs(y)
+    res = cebmf.fit_ebmf(
+        sp.csr_matrix(y) if sparse else y,
+        prior_factors="point_exponential",
+        fixed_loadings=np.ones(150),
+        keep_ebnm_inputs=True,
+    )
+    assert res.n_factors >= 3 and res.fixed[0] == (True, False)
+    x, s = (np.asarray(t) for t in res.ebnm_inputs[0]["factors"])
+    flat = np.minimum(stats.norm.cdf(-x / s), stats.norm.cdf(x / s))
+    np.testing.assert_allclose(res.F_lfsr[:, 0], flat, rtol=1e-9, atol=1e-300)
+    for k in range(1, res.n_factors):
+        g_l, g_f = res.priors[k]["loadings"], res.priors[k]["factors"]
+        x, s = (np.asarray(t) for t in res.ebnm_inputs[k]["loadings"])
+        want = _point_normal_lfsr(x, s, g_l["pi0"], g_l["scale"])
+        np.testing.assert_allclose(res.L_lfsr[:, k], want, rtol=1e-8, atol=1e-12)
+        x, s = (np.asarray(t) for t in res.ebnm_inputs[k]["factors"])
+        want = _point_exponential_lfsr(x, s, g_f["pi0"], 1.0 / g_f["scale"])
+        np.testing.assert_allclose(res.F_lfsr[:, k], want, rtol=1e-8, atol=1e-12)
+        assert res.F_lfsr[:, k].min() < 0.05 and res.F_lfsr[:, k].max() > 0.5  # both kinds
 
 
 def test_max_factors_above_the_matrix_rank_is_capped_and_logged(caplog):

@@ -7,7 +7,10 @@ Python over data.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -160,6 +163,30 @@ def truncnorm_moments(
     return lower + sd * delta, sd * sd * var
 
 
+#: False inside :func:`sign_probs_skipped`: the sign probabilities are not wanted.
+_SIGN_PROBS_WANTED: ContextVar[bool] = ContextVar("cebmf_sign_probs_wanted", default=True)
+
+
+@contextlib.contextmanager
+def sign_probs_skipped() -> Iterator[None]:
+    """Within the block, :func:`normal_sign_probs` and :func:`truncnorm_sign_probs` return
+    zeros (broadcast views, no arithmetic): for EBNM fits whose local false sign rates
+    are not used (the EBMF engine computes them once, at the end of a fit). The sign
+    probabilities of the priors' pieces serve the lfsr only, so nothing else changes."""
+    token = _SIGN_PROBS_WANTED.set(False)
+    try:
+        yield
+    finally:
+        _SIGN_PROBS_WANTED.reset(token)
+
+
+def _skipped_sign_probs(mean: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(mean.dtype, sd.dtype)
+    shape = torch.broadcast_shapes(mean.shape, sd.shape)
+    zero = torch.zeros((), dtype=dtype, device=mean.device).expand(shape)
+    return zero, zero
+
+
 def normal_sign_probs(
     mean: torch.Tensor, sd: torch.Tensor, c: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +195,8 @@ def normal_sign_probs(
     One tail, Phi(-|z|), is computed (accurate when tiny); the other is 1 minus it. Point
     masses are handled by masks, not a branch, so nothing waits on the device.
     """
+    if not _SIGN_PROBS_WANTED.get():
+        return _skipped_sign_probs(mean, sd)
     point = sd <= 0
     sd = torch.where(point, torch.ones_like(sd), sd)
     z = (c - mean) / sd
@@ -233,6 +262,8 @@ def truncnorm_sign_probs(
 
     Each probability is accurate relative to its own size (computed in float64).
     """
+    if not _SIGN_PROBS_WANTED.get():
+        return _skipped_sign_probs(mean, sd)
     if c <= lower:
         return torch.zeros_like(mean), torch.ones_like(mean)
     dtype = torch.promote_types(mean.dtype, sd.dtype)

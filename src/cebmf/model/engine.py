@@ -433,20 +433,28 @@ class Engine:
         if not bool(((other.mean[:, k] != 0) | (other.var[:, k] > 0)).any()):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
-        res = this.priors[k].fit(x, s, covariates=self._covariates(this, k), state=this.states[k])
+        prior = this.priors[k]
+        # a plain prior's lfsr is computed once, at the end (final_lfsr), from these inputs
+        res = prior.fit(
+            x,
+            s,
+            covariates=self._covariates(this, k),
+            state=this.states[k],
+            lfsr=prior.uses_covariates,
+        )
         old = this.mean[:, k].clone() if self.masked else None
         var = res.sd * res.sd
         this.mean[:, k] = res.mean
         this.var[:, k] = var
-        this.lfsr[:, k] = res.lfsr
+        if res.lfsr is not None:
+            this.lfsr[:, k] = res.lfsr
         this.states[k] = res.state
         this.g[k] = res.g
         this.kl[k] = torch.as_tensor(
             res.loglik, dtype=_F64, device=x.device
         ) - expected_loglik_normal(x, s, res.mean, res.sd.to(_F64) ** 2)
         alive = bool(((res.mean != 0) | (var > 0)).any())
-        if self.keep_inputs:
-            this.last_x[k], this.last_s[k] = x, s.expand_as(x)
+        this.last_x[k], this.last_s[k] = x, s
         if self.masked:
             delta = this.mean[:, k] - old
             outer = (
@@ -457,6 +465,18 @@ class Engine:
             self.resid -= outer
         self._invalidate(which, k)
         return alive
+
+    def final_lfsr(self) -> None:
+        """The local false sign rates of the plain priors' sides, from the inputs and the
+        fitted prior of each side's last update (``fix_g``: the posterior of that update;
+        the updates skip them). Covariate-moderated priors compute theirs at every update."""
+        for side in (self.loadings, self.factors):
+            for k in range(side.k):
+                prior, x = side.priors[k], side.last_x[k]
+                if side.fixed[k] or prior.uses_covariates or x is None:
+                    continue
+                res = prior.fit(x, side.last_s[k], g_init=side.g[k], fix_g=True)
+                side.lfsr[:, k] = res.lfsr
 
     def _covariates(self, side: Side, k: int) -> torch.Tensor | None:
         """The side's covariates for factor k (with self covariates: the other factors'

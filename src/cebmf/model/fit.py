@@ -601,6 +601,7 @@ def _nullcheck(engine: Engine, trace) -> bool:
 
 
 def _result(engine: Engine, trace, converged, stop, n_iter) -> EBMFResult:
+    engine.final_lfsr()
     lo, fa = engine.loadings, engine.factors
     L = lo.mean.to(torch.float64)
     F = fa.mean.to(torch.float64)
@@ -630,7 +631,12 @@ def _result(engine: Engine, trace, converged, stop, n_iter) -> EBMFResult:
     inputs = None
     if engine.keep_inputs:
         inputs = [
-            {"loadings": (lo.last_x[k], lo.last_s[k]), "factors": (fa.last_x[k], fa.last_s[k])}
+            {
+                side.name: (side.last_x[k], side.last_s[k].expand_as(side.last_x[k]))
+                if side.last_x[k] is not None
+                else (None, None)
+                for side in (lo, fa)
+            }
             for k in order
         ]
     return EBMFResult(

@@ -10,6 +10,7 @@ over g, and returns posterior summaries of theta under the fitted g.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .._math import sign_probs_skipped
 from .._threads import threads_for
 from .._validation import check_flags, check_mode, covariate_matrix, real_array
 
@@ -93,6 +95,7 @@ class Prior(ABC):
         *,
         g_init: dict[str, Any] | None = None,
         fix_g: bool = False,
+        lfsr: bool = True,
     ) -> EBNMResult:
         """Fit the prior to ``(x, s)`` and return posterior summaries (torch tensors).
 
@@ -109,6 +112,9 @@ class Prior(ABC):
             ``fix_g=True`` the prior under which posteriors are computed without refitting.
         fix_g
             Do not fit; requires ``g_init``.
+        lfsr
+            False skips the local false sign rates (``result.lfsr`` is None; everything
+            else is unchanged). The EBMF engine computes them once, at the end of a fit.
         """
         if covariates is not None and not self.uses_covariates:
             raise ValueError(
@@ -119,13 +125,16 @@ class Prior(ABC):
             covariates = self._check_covariates(covariates, x)
         if g_init is not None:
             self.check_g(g_init, "g_init")
-        check_flags(fix_g=fix_g)
+        check_flags(fix_g=fix_g, lfsr=lfsr)
         if fix_g and g_init is None:
             raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
         if state is not None:
             self._check_state(state)
-        with threads_for(x.numel(), x.device):
+        signs = contextlib.nullcontext() if lfsr else sign_probs_skipped()
+        with threads_for(x.numel(), x.device), signs:
             res = self._fit(x, s, covariates=covariates, state=state, g_init=g_init, fix_g=fix_g)
+        if not lfsr:
+            res.lfsr = None
         if isinstance(res.state, dict):
             res.state.setdefault("family", self.name)
         return res
