@@ -82,10 +82,13 @@ class Side:
             setattr(self, name, [lst[i] for i in idx])
 
     def snapshot(self) -> dict:
+        # with plain priors only, the lfsr is computed at the end (Engine.final_lfsr): no
+        # copy to keep (the inputs it needs, last_x / last_s, are kept by reference)
+        deferred = not any(p.uses_covariates for p in self.priors)
         return {
             "mean": self.mean.clone(),
             "var": self.var.clone(),
-            "lfsr": self.lfsr.clone(),
+            "lfsr": None if deferred else self.lfsr.clone(),
             **{
                 n: list(getattr(self, n))
                 for n in ("priors", "states", "g", "kl", "fixed", "last_x", "last_s")
@@ -96,6 +99,9 @@ class Side:
         """Back to ``snap``, copied: the updates write in place, and the snapshot may be
         needed again (it is the ``prev`` point of the next extrapolation)."""
         for name, value in snap.items():
+            if value is None:  # an lfsr left to the end: placeholders of the right shape
+                self.lfsr = torch.ones_like(snap["mean"])
+                continue
             setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
 
 
@@ -416,9 +422,9 @@ class Engine:
         num = pre["yprod"][k] - mean @ m_col + mean[:, k] * m_col[k]
         dt = this.mean.dtype
         x = (num / c).to(dt)
-        s = (1.0 / torch.sqrt(w_this.to(_F64) * c)).to(dt)
         if self._weight_facts(which)[0]:
-            s = s[:1]
+            w_this = w_this[:1]  # one s for all: a 1-element tensor, not a view of n
+        s = (1.0 / torch.sqrt(w_this.to(_F64) * c)).to(dt)
         return x, s
 
     def update(self, which: str, k: int, pre: dict) -> bool:
