@@ -6,6 +6,8 @@ and the closed-form marginal likelihoods of ``tests/reference.py``.
 
 import logging
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -624,6 +626,20 @@ def test_lfsr_of_the_fit_matches_scipy_for_the_last_update(sparse):
         want = _point_exponential_lfsr(x, s, g_f["pi0"], 1.0 / g_f["scale"])
         np.testing.assert_allclose(res.F_lfsr[:, k], want, rtol=1e-8, atol=1e-12)
         assert res.F_lfsr[:, k].min() < 0.05 and res.F_lfsr[:, k].max() > 0.5  # both kinds
+
+
+def test_a_fit_does_not_import_sympy():
+    # torch.broadcast_shapes imports sympy: 0.3 s added to the first fit of a session
+    code = (
+        "import sys, numpy as np, cebmf\n"
+        "y = np.random.default_rng(0).normal(size=(60, 20))\n"
+        "y[:, :4] += 3 * np.outer(np.random.default_rng(1).normal(size=60), np.ones(4))\n"
+        "res = cebmf.fit_ebmf(y, max_factors=3)\n"
+        "print(res.n_factors, 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    k, imported = out.stdout.split()
+    assert int(k) >= 1 and imported == "False"
 
 
 def test_max_factors_above_the_matrix_rank_is_capped_and_logged(caplog):

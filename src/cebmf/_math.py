@@ -182,8 +182,9 @@ def sign_probs_skipped() -> Iterator[None]:
 
 def _skipped_sign_probs(mean: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = torch.promote_types(mean.dtype, sd.dtype)
-    shape = torch.broadcast_shapes(mean.shape, sd.shape)
-    zero = torch.zeros((), dtype=dtype, device=mean.device).expand(shape)
+    # broadcast_tensors returns views (torch.broadcast_shapes would import sympy)
+    shaped = torch.broadcast_tensors(mean, sd)[0]
+    zero = torch.zeros((), dtype=dtype, device=mean.device).expand_as(shaped)
     return zero, zero
 
 
