@@ -125,3 +125,39 @@ def test_a_one_hot_warm_start_that_nearly_excludes_an_outlier():
     for _ in range(2000):
         w = w * (a @ (1 / (w @ a))) / 250
     assert np.log(w @ a).sum() - np.log(u).sum() < 1e-5
+
+
+def test_an_ebmf_fit_reports_shortfalls_once_against_its_tol(monkeypatch, caplog):
+    """Inside fit_ebmf the shortfalls of the mixture updates are collected: an INFO line
+    when the largest is below the fit's tol, one RuntimeWarning when it is not (a direct
+    mix-SQP call still warns each time)."""
+    import logging
+
+    from cebmf.priors import _mixsqp
+
+    rng = np.random.default_rng(2)
+    y = np.outer(rng.normal(size=80) * (rng.random(80) < 0.4), rng.normal(size=40)) * 3
+    y += rng.normal(size=(80, 40))
+    real = _mixsqp._solve
+    per_obs = {"gap": 0.0}
+
+    def short(lik, pi_init, tol, max_iter, hessian_budget):
+        w, _ = real(lik, pi_init, tol, max_iter, hessian_budget)
+        return w, per_obs["gap"]
+
+    monkeypatch.setattr(_mixsqp, "_solve", short)
+    kw = dict(prior_loadings="ash", prior_factors="ash", max_factors=2)
+    per_obs["gap"] = 1e-7  # above mix-SQP's 1e-8; n * gap <= 8e-6 nats < tol = 4.8e-5
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="cebmf"):
+        warnings.simplefilter("error")
+        res = cebmf.fit_ebmf(y, **kw)
+    assert res.n_factors >= 1
+    assert "below the fit's tol" in caplog.text
+    count = int(caplog.text.split("certificate in ")[1].split()[0])
+    assert count >= 4  # every mixture update of the fit fell short, one line for all
+    per_obs["gap"] = 1.0  # n * gap = 40 or 80 nats: above tol
+    with pytest.warns(RuntimeWarning, match=r"in \d+ mixture prior update\(s\).*not below") as rec:
+        cebmf.fit_ebmf(y, **kw)
+    assert sum("mix-SQP" in str(w.message) for w in rec) == 1
+    with pytest.warns(RuntimeWarning, match="short of its certificate"):
+        cebmf.ebnm(y[:, 0], 1.0, "ash")  # outside a fit: the warning of each call
