@@ -373,7 +373,7 @@ def _report_shortfalls(shortfalls: list[tuple[int, int, float]], tol: float) -> 
     if worst >= tol:
         warnings.warn(
             f"{msg}, not below the fit's tol ({tol:.3g}): the ELBO may be that far from a "
-            "local optimum; a smaller grid (grid_mult) or a larger tol avoids it.",
+            "local optimum; a coarser grid (a larger grid_mult) or a larger tol avoids it.",
             RuntimeWarning,
             stacklevel=3,
         )
