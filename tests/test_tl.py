@@ -402,6 +402,23 @@ def test_covariates_from_dataframes_align_on_the_index(counts):
         cebmf.tl.fit(a, var_covariates="gc", mask_var=None, **FAST)
 
 
+def test_auto_transform_of_counts_with_missing_entries():
+    # dense counts with NaN: "auto" used to see non-integers and fit the raw counts; it now
+    # normalises them, library sizes over the observed counts, the NaN entries missing
+    rng = np.random.default_rng(4)
+    x = rng.poisson(rng.gamma(2.0, 1.5, (120, 1)) * np.r_[np.ones(20) * 3, np.ones(30)], (120, 50))
+    x = x.astype(np.float64)
+    x[rng.random(x.shape) < 0.02] = np.nan
+    a = ad.AnnData(x.copy())
+    cebmf.tl.fit(a, n_factors=3)
+    assert a.uns["cebmf"]["params"]["transform"] == "log1p_normalize"
+    np.testing.assert_array_equal(np.isnan(a.X), np.isnan(x))  # the input is untouched
+    by_hand = np.log1p(x * 1e4 / np.nansum(x, axis=1, keepdims=True))  # NaN stays NaN
+    ref = cebmf.fit_ebmf(by_hand, max_factors=3, noise="column")
+    assert a.uns["cebmf"]["elbo"][-1] == pytest.approx(ref.elbo, rel=1e-10)
+    np.testing.assert_allclose(np.abs(a.obsm["X_cebmf"]), np.abs(ref.L), rtol=1e-6, atol=1e-8)
+
+
 def test_more_bad_inputs_are_refused_before_fitting(counts, tmp_path):
     a = counts[:, :150].copy()
     neg = a.copy()

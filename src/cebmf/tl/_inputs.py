@@ -56,6 +56,12 @@ def resolve_auto(x, argname: str = "transform") -> str | None:
     values some of which are negative are neither, most likely corrupted counts: an error
     rather than a fit of the raw integers."""
     values = _values(x)
+    n_missing = 0
+    if values.dtype.kind == "f" and not sp.issparse(x):
+        missing = np.isnan(values)
+        n_missing = int(missing.sum())
+        if n_missing:  # dense counts with missing entries: judged on the observed ones
+            values = values[~missing]
     if not _integer_valued(values):
         return None
     if values.size and values.min() < 0:
@@ -63,6 +69,13 @@ def resolve_auto(x, argname: str = "transform") -> str | None:
             f"{argname}='auto': the data are integers, but {int((values < 0).sum())} of them "
             "are negative, so they are not counts; fix the counts, or pass transform=None "
             "to fit the values as they are."
+        )
+    if n_missing:
+        logger.info(
+            "%s='auto': counts with %d missing (NaN) entries; the library sizes of "
+            "'log1p_normalize' sum the observed counts, and the missing entries stay missing",
+            argname,
+            n_missing,
         )
     return "log1p_normalize"
 
