@@ -419,6 +419,18 @@ def test_auto_transform_of_counts_with_missing_entries():
     np.testing.assert_allclose(np.abs(a.obsm["X_cebmf"]), np.abs(ref.L), rtol=1e-6, atol=1e-8)
 
 
+def test_binary_and_tfidf_of_dense_counts_with_missing_entries():
+    from cebmf.tl._inputs import apply_transform
+
+    x = np.array([[0.0, 2.0, np.nan], [1.0, np.nan, 0.0]])
+    out, name = apply_transform(x, "binary")
+    # missing entries stay missing (they used to become 0: NaN > 0 is False)
+    np.testing.assert_array_equal(out, [[0.0, 1.0, np.nan], [1.0, np.nan, 0.0]])
+    assert name == "binary"
+    with pytest.raises(ValueError, match=r"transform='tfidf' needs every count .* 2 missing"):
+        apply_transform(x, "tfidf")
+
+
 def test_more_bad_inputs_are_refused_before_fitting(counts, tmp_path):
     a = counts[:, :150].copy()
     neg = a.copy()

@@ -126,8 +126,15 @@ def apply_transform(
             out.data = (out.data > 0).astype(np.float64)
             out.eliminate_zeros()
             return out, transform
-        return (np.asarray(x) > 0).astype(np.float64), transform
+        dense = np.asarray(x, dtype=np.float64)
+        return np.where(np.isnan(dense), np.nan, dense > 0), transform  # NaN stays missing
     # tfidf: term frequency (per cell) x log inverse document frequency (per feature)
+    if not sp.issparse(x) and np.isnan(values).any():
+        raise ValueError(
+            f"{argname}='tfidf' needs every count of a cell, but the data hold "
+            f"{int(np.isnan(values).sum())} missing (NaN) entries; fill them, or use "
+            "'log1p_normalize' or 'log1p', which keep missing entries missing."
+        )
     csr = sp.csr_matrix(x, dtype=np.float64, copy=True)
     totals = np.asarray(csr.sum(1)).ravel()
     scale = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
