@@ -34,6 +34,13 @@ _F64 = torch.float64
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def lfsr_at_end(prior: Prior) -> bool:
+    """Whether a side with this prior skips the lfsr in its updates and gets it once at the
+    end of the fit (:meth:`Engine.final_lfsr`, by ``fix_g``): every plain prior. A
+    covariate-moderated one computes it at every update."""
+    return not prior.uses_covariates
+
+
 @dataclass
 class Side:
     """One side (loadings or factors) of every factor: moments, priors and fits."""
@@ -82,9 +89,9 @@ class Side:
             setattr(self, name, [lst[i] for i in idx])
 
     def snapshot(self) -> dict:
-        # with plain priors only, the lfsr is computed at the end (Engine.final_lfsr): no
-        # copy to keep (the inputs it needs, last_x / last_s, are kept by reference)
-        deferred = not any(p.uses_covariates for p in self.priors)
+        # lfsr all left to the end (Engine.final_lfsr): no copy to keep (the inputs it
+        # needs, last_x / last_s, are kept by reference)
+        deferred = all(lfsr_at_end(p) for p in self.priors)
         return {
             "mean": self.mean.clone(),
             "var": self.var.clone(),
@@ -439,14 +446,12 @@ class Engine:
         if not bool(((other.mean[:, k] != 0) | (other.var[:, k] > 0)).any()):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
-        prior = this.priors[k]
-        # a plain prior's lfsr is computed once, at the end (final_lfsr), from these inputs
-        res = prior.fit(
+        res = this.priors[k].fit(
             x,
             s,
             covariates=self._covariates(this, k),
             state=this.states[k],
-            lfsr=prior.uses_covariates,
+            lfsr=not lfsr_at_end(this.priors[k]),  # else final_lfsr, from these inputs
         )
         old = this.mean[:, k].clone() if self.masked else None
         var = res.sd * res.sd
@@ -479,7 +484,7 @@ class Engine:
         for side in (self.loadings, self.factors):
             for k in range(side.k):
                 prior, x = side.priors[k], side.last_x[k]
-                if side.fixed[k] or prior.uses_covariates or x is None:
+                if side.fixed[k] or not lfsr_at_end(prior) or x is None:
                     continue
                 res = prior.fit(x, side.last_s[k], g_init=side.g[k], fix_g=True)
                 side.lfsr[:, k] = res.lfsr

@@ -136,7 +136,7 @@ def mixsqp(
     w, gap = _solve(lik, pi_init, tol, max_iter, hessian_budget)
     k, n = lik.shape
     sink = _SHORTFALLS.get()
-    if gap > tol and sink is not None:
+    if gap > tol and sink is not None:  # inside an EBMF fit: reported once, at its end
         sink.append((k, n, n * gap))
     elif gap > tol:
         warnings.warn(

@@ -129,10 +129,11 @@ def apply_transform(
         dense = np.asarray(x, dtype=np.float64)
         return np.where(np.isnan(dense), np.nan, dense > 0), transform  # NaN stays missing
     # tfidf: term frequency (per cell) x log inverse document frequency (per feature)
-    if not sp.issparse(x) and np.isnan(values).any():
+    n_missing = 0 if sp.issparse(x) else int(np.isnan(values).sum())
+    if n_missing:
         raise ValueError(
             f"{argname}='tfidf' needs every count of a cell, but the data hold "
-            f"{int(np.isnan(values).sum())} missing (NaN) entries; fill them, or use "
+            f"{n_missing} missing (NaN) entries; fill them, or use "
             "'log1p_normalize' or 'log1p', which keep missing entries missing."
         )
     csr = sp.csr_matrix(x, dtype=np.float64, copy=True)
