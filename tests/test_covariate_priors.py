@@ -176,6 +176,29 @@ def test_covariate_bad_input():
     assert np.isfinite(one.mean).all()
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"k": 2.5}, "k must be an integer >= 1, got 2.5"),
+        ({"k": 11}, r"k \(11\) must not exceed the number of covariates d \(10\)"),
+        ({"sigma": -1.0}, "sigma must be a finite number > 0, got -1.0"),
+        ({"beta1": float("nan")}, "beta1 must be a finite number, got nan"),
+    ],
+)
+def test_simulation_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cebmf.datasets.simulate_covariate_sparsity(**kwargs)
+
+
+def test_low_rank_simulation_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1, got 2\.5"):
+        cebmf.datasets.simulate_low_rank(k=2.5)
+    with pytest.raises(ValueError, match=r"sigma must be a finite number > 0, got 0\.0"):
+        cebmf.datasets.simulate_low_rank(sigma=0.0)
+    with pytest.raises(ValueError, match=r"pi0 must lie in \[0, 1\], got 1.5"):
+        cebmf.datasets.simulate_low_rank(pi0=1.5)
+
+
 def test_engine_with_covariate_priors_elbo_never_decreases():
     d = cebmf.datasets.simulate_covariate_sparsity(n=400, p=60, seed=3)
     res = cebmf.fit_ebmf(

@@ -550,6 +550,66 @@ def test_unknown_prior_option_names_the_prior_and_its_options(prior, typo, liste
         cebmf.ebnm(np.array([1.0, -2.0, 0.5]), 1.0, prior, **{typo: 1})
 
 
+@pytest.mark.parametrize(
+    "prior, options, match",
+    [
+        ("point_normal", {"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
+        ("generalized_binary", {"max_iter": 2.5}, "max_iter must be an integer >= 1, got 2.5"),
+        ("ash", {"tol": float("nan")}, "tol must be a finite number > 0, got nan"),
+        ("ash", {"grid_mult": float("inf")}, "grid_mult must be a finite number > 0, got inf"),
+        ("ash", {"grid_mult": 1.0}, "grid_mult must be > 1, got 1.0"),
+        ("nonnegative_mixture", {"max_k": 2}, "max_k must be an integer >= 3, got 2"),
+        ("nonnegative_mixture", {"kl_target": 0}, "kl_target must be a finite number > 0"),
+        ("cash", {"max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
+        ("cash", {"warm_iter": -1}, "warm_iter must be an integer >= 1, got -1"),
+        ("cash", {"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),
+        ("cash", {"tol": -1.0}, "tol must be a finite number >= 0, got -1.0"),
+        ("cash", {"hidden": 2.5}, "hidden must be a layer size or a sequence of them"),
+        ("cash", {"hidden": (8, 0)}, "hidden layer size must be an integer >= 1, got 0"),
+        ("cash", {"hidden_layers": -1}, "hidden_layers must be an integer >= 0, got -1"),
+        ("cash", {"seed": 2**70}, r"seed=1180591620717411303424 is outside the seeds"),
+        ("cash", {"nonnegative": "yes"}, "nonnegative must be True or False, got 'yes'"),
+        ("cgb", {"nonnegative": 1}, "nonnegative must be True or False, got 1"),
+        ("emdn", {"n_components": 1.5}, "n_components must be an integer >= 1, got 1.5"),
+    ],
+)
+def test_bad_prior_options_are_refused_when_the_prior_is_made(prior, options, match):
+    """Options are checked in the constructor, naming the option: they used to be truncated
+    (2.5 iterations -> 2), let NaN through, or fail deep inside a fit (max_iter=0)."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        get_prior(prior, **options)
+
+
+def test_prior_fit_accepts_what_ebnm_accepts():
+    """``Prior.fit`` on numpy input (it used to fail on ``x.numel()``) validates as
+    ``cebmf.ebnm`` does and returns numpy arrays, equal to the tensor path's."""
+    _, x = _sim(300)
+    by_ebnm = cebmf.ebnm(x, 1.0, "point_normal")
+    by_fit = get_prior("point_normal").fit(x, 1.0)
+    tensors = get_prior("point_normal").fit(torch.tensor(x), torch.ones(300, dtype=torch.float64))
+    assert isinstance(by_fit.mean, np.ndarray) and isinstance(tensors.mean, torch.Tensor)
+    assert by_fit.loglik == by_ebnm.loglik == tensors.loglik
+    for name in ("mean", "sd", "lfsr"):
+        np.testing.assert_array_equal(getattr(by_fit, name), getattr(by_ebnm, name))
+        np.testing.assert_array_equal(getattr(by_fit, name), getattr(tensors, name).numpy())
+    assert get_prior("point_normal").fit(list(x), np.ones(300), lfsr=False).lfsr is None
+    with pytest.raises(ValueError, match="x contains 1 non-finite value"):
+        get_prior("point_normal").fit(np.r_[x, np.nan], 1.0)
+    with pytest.raises(ValueError, match="s must be strictly positive"):
+        get_prior("point_normal").fit(x, 0.0)
+    cov = np.random.default_rng(1).normal(size=(300, 2))
+    numpy_cov = get_prior("cash").fit(x, np.ones(300), covariates=cov)
+    torch_cov = cebmf.ebnm(torch.tensor(x), 1.0, "cash", covariates=torch.tensor(cov))
+    assert numpy_cov.loglik == pytest.approx(torch_cov.loglik, rel=1e-12)
+
+
+def test_a_prior_class_is_refused_with_the_instance_to_pass():
+    with pytest.raises(TypeError, match=r"class PointNormal, not an instance; pass PointNormal"):
+        cebmf.ebnm(np.ones(3), 1.0, cebmf.priors.PointNormal)
+    with pytest.raises(TypeError, match=r"prior_factors: prior is the class PointExponential"):
+        cebmf.fit_ebmf(np.eye(4), prior_factors=cebmf.priors.PointExponential)
+
+
 _LFSR_CASES = [(f, 0.0) for f in (*FAMILIES, "cash", "cgb", "emdn")] + [
     (f, 0.7)
     for f in FAMILIES

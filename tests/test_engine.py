@@ -572,6 +572,9 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, fixed_loadings=np.c_[np.ones(30), np.zeros(30)])
     with pytest.raises(TypeError, match="random_state must be an int, None or a numpy random"):
         cebmf.fit_ebmf(y, random_state="0")
+    # beyond torch's seed range it used to fail with "Overflow when unpacking long long"
+    with pytest.raises(ValueError, match=r"random_state=1180591620717411303424 is outside"):
+        cebmf.fit_ebmf(y, random_state=2**70)
 
 
 def _point_normal_lfsr(x, s, pi0, scale):

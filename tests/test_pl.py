@@ -204,6 +204,8 @@ def test_embedding_bad_arguments(adata):
         pl.embedding(adata, ax=plt.subplots()[1])
     with pytest.raises(TypeError, match="AnnData"):
         pl.embedding(adata.obsm["X_cebmf"])
+    with pytest.raises(ValueError, match="ncols must be a positive integer, got 0"):
+        pl.embedding(adata, ncols=0)  # was a ZeroDivisionError inside scanpy
     assert_unchanged(adata, before)
 
 

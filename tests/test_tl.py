@@ -285,6 +285,19 @@ def test_mudata_joint_fit_with_feature_covariates_per_modality(counts, tmp_path)
         cebmf.tl.fit(mdata, var_covariates={"prot": "x"}, key_added="b", **FAST)
     with pytest.raises(ValueError, match=r"var_covariates\['rna'\]: 'nope'"):
         cebmf.tl.fit(mdata, var_covariates={"rna": "nope"}, key_added="b", **FAST)
+    # a misspelt modality in a per-modality dict used to leave the real one on the default
+    with pytest.raises(ValueError, match=r"transform: \['rnaa'\] not among the fitted"):
+        cebmf.tl.fit(mdata, transform={"rnaa": "log1p"}, key_added="b", **FAST)
+    with pytest.raises(ValueError, match=r"prior_factors: \['prot'\] not among the fitted"):
+        cebmf.tl.fit(mdata, prior_factors={"prot": "point_exponential"}, key_added="b", **FAST)
+    with pytest.raises(ValueError, match="mods is empty; name at least one modality"):
+        cebmf.tl.fit(mdata, mods=[], key_added="b", **FAST)
+    with pytest.raises(ValueError, match=r"mods names a modality more than once"):
+        cebmf.tl.fit(mdata, mods=["rna", "rna"], key_added="b", **FAST)  # was a BlockPrior error
+    # one name is one modality (it used to be read as the letters 'r', 'n', 'a')
+    cebmf.tl.fit(mdata, mods="rna", key_added="one", **FAST)
+    assert list(mdata.uns["one"]["params"]["mods"]) == ["rna"]
+    assert mdata["rna"].varm["one_factors"].shape[0] == mdata["rna"].n_vars
 
 
 def test_bad_inputs_name_the_argument(counts):
@@ -317,8 +330,11 @@ def test_bad_inputs_name_the_argument(counts):
         cebmf.tl.fit(a, n_factors=0)
     with pytest.raises(ValueError, match="size_factors has 3 entries but the matrix has 250"):
         cebmf.tl.fit(a, size_factors=np.ones(3), **FAST)
-    with pytest.raises(ValueError, match="size_factors must be positive; 250 entries are not"):
+    with pytest.raises(ValueError, match="size_factors must be positive and finite; 250 entries"):
         cebmf.tl.fit(a, size_factors=np.zeros(a.n_obs), **FAST)
+    for bad_value in (np.nan, np.inf):  # Inf used to zero the cell silently
+        with pytest.raises(ValueError, match="must be positive and finite; 1 entries are not"):
+            cebmf.tl.fit(a, size_factors=np.r_[bad_value, np.ones(a.n_obs - 1)], **FAST)
     bad = counts.copy()
     bad.X = bad.X.astype(np.float64)
     bad.X.data[5] = np.nan
@@ -444,6 +460,13 @@ def test_more_bad_inputs_are_refused_before_fitting(counts, tmp_path):
     for flag in ("intercept", "copy", "progress"):  # "no" used to count as True
         with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
             cebmf.tl.fit(a, **{flag: "no"}, **FAST)
+    # options of fit_ebmf that tl.fit sets itself name the tl.fit argument; unknown ones
+    # list the options accepted (both used to be Python's bare "multiple values" TypeError)
+    for option, own in (("max_factors", "n_factors"), ("X_l", "obs_covariates")):
+        with pytest.raises(TypeError, match=f"{option}= is set by tl.fit; pass {own}= instead"):
+            cebmf.tl.fit(a, **{option: 3}, **FAST)
+    with pytest.raises(TypeError, match=r"unknown option tols=; .* are init, .*, tol, max_iter"):
+        cebmf.tl.fit(a, tols=1.0, **FAST)
     assert "X_cebmf" not in a.obsm
     cebmf.tl.fit(a, **FAST)
     with pytest.raises(ValueError, match=r"key_added='cebmf_sd' would overwrite X_cebmf_sd"):
@@ -467,6 +490,11 @@ def test_cli_errors_are_one_line_naming_the_option(tmp_path, capsys):
     message = str(err.value)
     assert message.startswith("cebmf fit: error: --obs-covariates: 'nope' is neither a column")
     assert "Traceback" not in message and not (tmp_path / "out.h5ad").exists()
+    # the engine's names of these options are written as the command's
+    with pytest.raises(SystemExit, match=r"error: --prior-loadings uses .*'cash' but --obs-cov"):
+        main(["fit", str(src), str(tmp_path / "out.h5ad"), "-q", "--prior-loadings", "cash"])
+    with pytest.raises(SystemExit, match=r"error: --seed=99999999999999999999999 is outside"):
+        main(["fit", str(src), str(tmp_path / "out.h5ad"), "-q", "--seed", "9" * 23])
 
 
 def test_cli_fit_on_the_demo_output(tmp_path):

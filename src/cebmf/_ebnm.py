@@ -98,7 +98,4 @@ def ebnm(
         fam = get_prior(prior, mode=0.0 if mode is None else check_mode(mode), **prior_options)
     with torch.no_grad():
         res = fam.fit(xt, st, covariates, state=state, g_init=g_init, fix_g=fix_g)
-    if was_numpy:
-        for field in ("mean", "mean2", "sd", "lfsr"):
-            setattr(res, field, getattr(res, field).cpu().numpy())
-    return res
+    return res.to_numpy() if was_numpy else res

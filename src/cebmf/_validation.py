@@ -3,6 +3,7 @@ that name the argument and the fix)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -20,6 +21,12 @@ def resolve_seed(random_state: Any, name: str = "random_state") -> int:
     if isinstance(random_state, bool):
         raise TypeError(f"{name} must be an int, None or a numpy random generator, got a bool.")
     if isinstance(random_state, int | np.integer):
+        lo, hi = _SEED_RANGE
+        if not lo <= random_state <= hi:
+            raise ValueError(
+                f"{name}={random_state} is outside the seeds torch accepts, [-2**63, 2**64 - 1]; "
+                "pass a smaller integer."
+            )
         return int(random_state)
     if random_state is None:
         return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -31,6 +38,28 @@ def resolve_seed(random_state: Any, name: str = "random_state") -> int:
         f"{name} must be an int, None or a numpy random generator, got "
         f"{type(random_state).__name__}."
     )
+
+
+# the seeds a torch.Generator accepts
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """An integer option (numpy integers too) of at least ``minimum``; 2.5 or True is not
+    silently truncated or counted."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_positive(value: Any, name: str, *, zero_ok: bool = False) -> float:
+    """A finite real option, > 0 (or >= 0 with ``zero_ok``); NaN and Inf are refused."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    if not ok:
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+    return float(value)
 
 
 def check_flags(**flags: Any) -> None:

@@ -52,7 +52,7 @@ _OPTIONS = {
         "transform",
         "device",
     )
-}
+} | {"random_state": "--seed", "X_l": "--obs-covariates", "X_f": "--var-covariates"}
 
 
 def _as_options(message: str) -> str:

@@ -43,9 +43,12 @@ def log1p_normalize(
                 f"size_factors has {sf.size} entries but the matrix has {totals.size} rows; "
                 "give one per row (cell)."
             )
-        if not np.all(sf > 0):
-            bad = int(np.count_nonzero(~(sf > 0)))
-            raise ValueError(f"size_factors must be positive; {bad} entries are not.")
+        ok = np.isfinite(sf) & (sf > 0)
+        if not ok.all():
+            raise ValueError(
+                f"size_factors must be positive and finite; {int(np.count_nonzero(~ok))} "
+                "entries are not (zero, negative, NaN or Inf)."
+            )
         totals = sf * totals.mean()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     if sp.issparse(out):

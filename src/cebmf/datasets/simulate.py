@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .._validation import check_count, check_positive
 
 
 @dataclass
@@ -46,10 +49,13 @@ def simulate_covariate_sparsity(
     Y = L F^T + N(0, sigma^2). ``beta1 = 3`` makes the covariates informative, ``beta1 = 0``
     uninformative. Requires k <= d.
     """
+    n, p, k, d = (check_count(v, name) for v, name in ((n, "n"), (p, "p"), (k, "k"), (d, "d")))
     if k > d:
         raise ValueError(f"k ({k}) must not exceed the number of covariates d ({d}).")
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}.")
+    sigma = check_positive(sigma, "sigma")
+    for value, name in ((beta0, "beta0"), (beta1, "beta1")):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
     rng = np.random.default_rng(seed)
     x_l = rng.normal(size=(n, d))
     x_f = rng.normal(size=(p, d))
@@ -72,6 +78,10 @@ def simulate_low_rank(
 ) -> SimulatedData:
     """Sparse point-normal loadings and factors: entries are 0 with probability ``pi0``,
     else N(0, 1); ``Y = L F^T + N(0, sigma^2)``."""
+    n, p, k = (check_count(v, name) for v, name in ((n, "n"), (p, "p"), (k, "k")))
+    sigma = check_positive(sigma, "sigma")
+    if not 0 <= pi0 <= 1:
+        raise ValueError(f"pi0 must lie in [0, 1], got {pi0!r}.")
     rng = np.random.default_rng(seed)
     lo = rng.normal(size=(n, k)) * (rng.random((n, k)) > pi0)
     fa = rng.normal(size=(p, k)) * (rng.random((p, k)) > pi0)

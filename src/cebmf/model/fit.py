@@ -32,7 +32,7 @@ class _PriorChoice:
     serves every later factor)."""
 
     def __init__(self, spec: PriorSpec, argname: str) -> None:
-        if isinstance(spec, str | Prior):
+        if isinstance(spec, str | Prior | type):  # a class gets get_prior's message
             spec = [spec]
         elif not isinstance(spec, Sequence):
             raise TypeError(

@@ -78,6 +78,7 @@ def embedding(
     import scanpy as sc
 
     u.check_save(save)
+    u.check_ncols(ncols)  # scanpy divides by it
     adata = plot_data(adata, key, mod, features=False)
     L = u.loadings(adata, key)
     names = u.factor_names(adata, key, L.shape[1])

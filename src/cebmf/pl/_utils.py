@@ -228,12 +228,18 @@ def check_choice(value: Any, argname: str, choices: Sequence[str]) -> str:
     return value
 
 
+def check_ncols(ncols: Any) -> int:
+    """The number of panel columns: a positive integer."""
+    if isinstance(ncols, bool) or not isinstance(ncols, int | np.integer) or ncols < 1:
+        raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
+    return int(ncols)
+
+
 def panels(
     n: int, ncols: int, panel_size: tuple[float, float], ax: Axes | None
 ) -> tuple[Figure, list[Axes]]:
     """A figure with ``n`` panels on a grid of ``ncols`` columns (or ``ax`` when n is 1)."""
-    if isinstance(ncols, bool) or not isinstance(ncols, int | np.integer) or ncols < 1:
-        raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
+    check_ncols(ncols)
     if ax is not None:
         if not isinstance(ax, Axes):
             raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}.")

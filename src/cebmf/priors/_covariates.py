@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._math import exp_flushed, logsumexp_rows
-from .._validation import tensor_view
+from .._validation import check_count, check_positive, resolve_seed, tensor_view
 from ._posterior import chunked, combine
 from .base import EBNMResult, Prior
 
@@ -190,23 +190,26 @@ class CovariatePrior(Prior):
         seed: int = 0,
     ) -> None:
         super().__init__(mode)
-        if isinstance(hidden, int):
+        if isinstance(hidden, int | np.integer) and not isinstance(hidden, bool):
             hidden = (hidden,)
+        try:
+            hidden = tuple(hidden)
+        except TypeError:
+            raise ValueError(
+                f"hidden must be a layer size or a sequence of them, got {hidden!r}."
+            ) from None
         if hidden_layers is not None:
-            if hidden_layers < 0:
-                raise ValueError(f"hidden_layers must be >= 0, got {hidden_layers}.")
+            hidden_layers = check_count(hidden_layers, "hidden_layers", 0)
             width = hidden[0] if hidden else 16
             hidden = (width,) * hidden_layers
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden layer sizes must be positive, got {hidden}.")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
-        self.hidden = tuple(int(h) for h in hidden)
-        self.weight_decay = float(weight_decay)
-        self.max_iter = int(max_iter)
-        self.warm_iter = int(warm_iter)
-        self.tol = float(tol)
-        self.seed = int(seed)
+        self.hidden = tuple(check_count(h, "hidden layer size") for h in hidden)
+        self.weight_decay = check_positive(weight_decay, "weight_decay", zero_ok=True)
+        self.max_iter = check_count(max_iter, "max_iter")
+        self.warm_iter = check_count(warm_iter, "warm_iter")
+        self.tol = check_positive(tol, "tol", zero_ok=True)
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        self.seed = resolve_seed(seed, "seed")
 
     def __repr__(self) -> str:
         return (

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .._math import exp_flushed
+from .._validation import check_count, check_positive
 from ._grids import merge_grids
 from ._mixsqp import mixsqp
 from ._posterior import chunked, column_chunks, combine
@@ -30,9 +31,16 @@ class MixturePrior(Prior):
     def __init__(self, mode: float = 0.0, *, scale=None, tol: float = 1e-8) -> None:
         super().__init__(mode)
         self.scale = None if scale is None else self._check_scale(scale, "scale")
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}.")
-        self.tol = float(tol)
+        self.tol = check_positive(tol, "tol")
+
+    def _set_grid_rule(self, grid_mult, kl_target, max_k) -> None:
+        """Options of the automatic grid: spacing ``grid_mult`` (> 1) or ``kl_target``
+        (> 0), and at most ``max_k`` (>= 3) components."""
+        if grid_mult is not None and not check_positive(grid_mult, "grid_mult") > 1:
+            raise ValueError(f"grid_mult must be > 1, got {grid_mult}.")
+        self.grid_mult = None if grid_mult is None else float(grid_mult)
+        self.kl_target = None if kl_target is None else check_positive(kl_target, "kl_target")
+        self.max_k = check_count(max_k, "max_k", 3)
 
     @staticmethod
     def _check_scale(scale, argname: str) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .._math import exp_flushed, log_normal_pdf, point_sign_probs
-from .._validation import real_array
+from .._validation import check_count, real_array
 from ._posterior import summarize
 from .base import EBNMResult, Prior
 
@@ -72,7 +72,7 @@ class SpikeSlabPrior(Prior):
 
     def __init__(self, mode: float = 0.0, *, max_iter: int = 100) -> None:
         super().__init__(mode)
-        self.max_iter = int(max_iter)
+        self.max_iter = check_count(max_iter, "max_iter")
 
     # ---- family hooks -------------------------------------------------------------
     @abstractmethod

@@ -21,7 +21,13 @@ import torch
 
 from .._math import sign_probs_skipped
 from .._threads import threads_for
-from .._validation import check_flags, check_mode, covariate_matrix, real_array
+from .._validation import (
+    check_flags,
+    check_mode,
+    covariate_matrix,
+    observations_and_se,
+    real_array,
+)
 
 
 @dataclass
@@ -64,12 +70,20 @@ class EBNMResult:
             state=state,
         )
 
+    def to_numpy(self) -> EBNMResult:
+        """The per-observation summaries as numpy arrays (on the host), in place."""
+        for name in ("mean", "mean2", "sd", "lfsr"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.detach().cpu().numpy())
+        return self
+
 
 class Prior(ABC):
     """A prior family behind the EBNM contract ``fit(x, s, covariates=None, state=None)``.
 
-    Subclasses set ``name`` and implement :meth:`_fit`. Inputs to :meth:`fit` are
-    validated 1-D torch tensors of one floating dtype on one device.
+    Subclasses set ``name`` and implement :meth:`_fit`, which receives 1-D torch tensors
+    of one floating dtype on one device (:meth:`fit` validates and converts other input).
     """
 
     name: ClassVar[str] = ""
@@ -97,12 +111,16 @@ class Prior(ABC):
         fix_g: bool = False,
         lfsr: bool = True,
     ) -> EBNMResult:
-        """Fit the prior to ``(x, s)`` and return posterior summaries (torch tensors).
+        """Fit the prior to ``(x, s)`` and return posterior summaries.
 
         Parameters
         ----------
         x, s
-            Observations and their standard errors (1-D, same length, s > 0).
+            Observations and their standard errors (1-D, same length, s > 0). Torch
+            tensors of one floating dtype on one device are used as they are (the engine's
+            fast path; results are tensors). Anything else (numpy arrays, sequences, a
+            scalar ``s``) is validated as :func:`cebmf.ebnm` does, and numpy input gives
+            numpy results.
         covariates
             (n, d) covariates; only covariate-moderated families accept them.
         state
@@ -116,6 +134,11 @@ class Prior(ABC):
             False skips the local false sign rates (``result.lfsr`` is None; everything
             else is unchanged). The EBMF engine computes them once, at the end of a fit.
         """
+        if not (isinstance(x, torch.Tensor) and isinstance(s, torch.Tensor)):
+            xt, st, was_numpy = observations_and_se(x, s)
+            with torch.no_grad():
+                res = self.fit(xt, st, covariates, state, g_init=g_init, fix_g=fix_g, lfsr=lfsr)
+            return res.to_numpy() if was_numpy else res
         if covariates is not None and not self.uses_covariates:
             raise ValueError(
                 f"prior {self.name!r} does not use covariates, but covariates were given; "
@@ -272,6 +295,11 @@ def get_prior(prior: str | Prior, **options: Any) -> Prior:
                 "set them on the instance instead."
             )
         return prior
+    if isinstance(prior, type) and issubclass(prior, Prior):
+        raise TypeError(
+            f"prior is the class {prior.__name__}, not an instance; pass "
+            f"{prior.__name__}() (with its options) or the name {prior.name!r}."
+        )
     if not isinstance(prior, str):
         raise TypeError(
             f"prior must be a family name or a Prior instance, got {type(prior).__name__}."

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .._math import exp_flushed
+from .._validation import check_flags
 from ._covariates import CovariatePrior
 from ._mixsqp import mixsqp
 from .base import register_prior
@@ -53,6 +54,7 @@ class Cash(CovariatePrior):
         **network,
     ) -> None:
         super().__init__(mode, **network)
+        check_flags(nonnegative=nonnegative)
         self.nonnegative = bool(nonnegative)
         base_cls = NonnegativeMixture if nonnegative else NormalScaleMixture
         self.base = base_cls(grid_mult=grid_mult, kl_target=kl_target)

@@ -22,6 +22,7 @@ from .._math import (
     truncnorm_moments,
     truncnorm_sign_probs,
 )
+from .._validation import check_flags
 from ._covariates import CovariatePrior
 from .base import register_prior
 from .generalized_binary import GeneralizedBinary
@@ -44,6 +45,7 @@ class Cgb(CovariatePrior):
 
     def __init__(self, mode: float = 0.0, *, nonnegative: bool = False, **network) -> None:
         super().__init__(mode, **network)
+        check_flags(nonnegative=nonnegative)
         self.nonnegative = bool(nonnegative)
 
     def _setup(self, x, s, warm, g_init):

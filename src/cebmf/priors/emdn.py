@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .._math import log_normal_pdf, normal_sign_probs
+from .._validation import check_count
 from ._covariates import CovariatePrior
 from .base import register_prior
 from .scale_mixture import NormalScaleMixture
@@ -38,9 +39,7 @@ class Emdn(CovariatePrior):
 
     def __init__(self, mode: float = 0.0, *, n_components: int = 5, **network) -> None:
         super().__init__(mode, **network)
-        if n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {n_components}.")
-        self.n_components = int(n_components)
+        self.n_components = check_count(n_components, "n_components")
 
     def _setup(self, x, s, warm, g_init):
         if warm is not None and "log_sd_bounds" in warm:

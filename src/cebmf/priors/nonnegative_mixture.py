@@ -45,13 +45,7 @@ class NonnegativeMixture(MixturePrior):
         tol: float = 1e-8,
     ) -> None:
         super().__init__(mode, scale=scale, tol=tol)
-        if grid_mult is not None and not grid_mult > 1:
-            raise ValueError(f"grid_mult must be > 1, got {grid_mult}.")
-        if kl_target is not None and not kl_target > 0:
-            raise ValueError(f"kl_target must be > 0, got {kl_target}.")
-        self.grid_mult = grid_mult
-        self.kl_target = kl_target
-        self.max_k = int(max_k)
+        self._set_grid_rule(grid_mult, kl_target, max_k)
 
     def _fresh_grid(self, x, s):
         return exponential_mixture_scales(

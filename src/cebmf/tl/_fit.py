@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,23 @@ from ._results import (
 )
 
 logger = logging.getLogger("cebmf")
+
+
+def _fitted_modalities(mdata, mods) -> list[str]:
+    """``mods`` checked against the MuData: all modalities when None, one name or a list
+    of distinct names."""
+    known = ", ".join(mdata.mod)
+    if mods is None:
+        return list(mdata.mod)
+    mods = [mods] if isinstance(mods, str) else list(mods)
+    if not mods:
+        raise ValueError(f"mods is empty; name at least one modality ({known}), or pass None.")
+    unknown = [m for m in mods if m not in mdata.mod]
+    if unknown:
+        raise ValueError(f"mods: {unknown} not modalities of the MuData ({known}).")
+    if len(set(mods)) != len(mods):
+        raise ValueError(f"mods names a modality more than once: {mods}.")
+    return mods
 
 
 def _per_mod(value, mod: str, default=None):
@@ -151,6 +169,36 @@ def _take_rows(y, cells: np.ndarray, n: int):
     return y if cells.size == n else y[cells]
 
 
+# fit_ebmf arguments that tl.fit sets itself, and the tl.fit argument that sets each
+_SET_BY_FIT = {
+    "Y": "data / layer",
+    "max_factors": "n_factors",
+    "prior_loadings": "prior_loadings",
+    "prior_factors": "prior_factors",
+    "noise": "noise",
+    "X_l": "obs_covariates",
+    "X_f": "var_covariates",
+    "device": "device",
+    "random_state": "random_state",
+    "progress": "progress",
+    "fixed_loadings": "intercept",
+}
+
+
+def check_engine_options(options: dict[str, Any]) -> None:
+    """Refuse ``**engine_options`` that :func:`fit_ebmf` does not take, or that ``tl.fit``
+    sets from one of its own arguments (which is then named)."""
+    known = [n for n in inspect.signature(fit_ebmf).parameters if n not in _SET_BY_FIT]
+    for name in options:
+        if name in _SET_BY_FIT:
+            raise TypeError(f"{name}= is set by tl.fit; pass {_SET_BY_FIT[name]}= instead.")
+        if name not in known:
+            raise TypeError(
+                f"tl.fit got an unknown option {name}=; the options passed on to "
+                f"cebmf.fit_ebmf are {', '.join(known)}."
+            )
+
+
 def _engine_options(y, made_here: bool, device, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` plus ``sparse_backend="scipy"`` for a sparse matrix this module made (a
     float64 transform or concatenation) on the CPU: the torch kernels would add a
@@ -256,9 +304,10 @@ def fit(
         Results go to ``obsm["X_" + key_added]``, ``varm[key_added + "_factors"]`` and
         ``uns[key_added]``.
     device, random_state, progress, **engine_options
-        Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``);
-        ``params["random_state"]`` records the integer seed used (drawn when None or a
-        numpy generator is given).
+        Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``; an
+        option that ``tl.fit`` sets itself, such as ``max_factors``, is refused with the
+        name of the ``tl.fit`` argument to use); ``params["random_state"]`` records the
+        integer seed used (drawn when None or a numpy generator is given).
     copy
         Return a modified copy instead of writing into ``data``.
 
@@ -279,6 +328,7 @@ def fit(
     if isinstance(n_factors, bool) or not isinstance(n_factors, int | np.integer) or n_factors < 1:
         raise ValueError(f"n_factors must be a positive integer, got {n_factors!r}.")
     check_flags(intercept=intercept, copy=copy, progress=progress)
+    check_engine_options(engine_options)
     random_state = resolve_seed(random_state)  # params record the seed actually used
     if md is not None and isinstance(data, md.MuData):
         return _fit_mudata(
@@ -477,17 +527,22 @@ def _fit_mudata(
         )
     if noise != "column":
         raise ValueError("a joint MuData fit uses noise='column' (per-feature variances).")
-    mods = list(mdata.mod) if mods is None else list(mods)
-    unknown = [m for m in mods if m not in mdata.mod]
-    if unknown or not mods:
-        raise ValueError(
-            f"mods: {unknown or mods} not modalities of the MuData ({', '.join(mdata.mod)})."
-        )
-    extra = [m for m in (var_covariates or {}) if m not in mods]
-    if extra:
-        raise ValueError(
-            f"var_covariates: {extra} not among the fitted modalities ({', '.join(mods)})."
-        )
+    mods = _fitted_modalities(mdata, mods)
+    per_mod = {
+        "layer": layer,
+        "transform": transform,
+        "size_factors": size_factors,
+        "mask_var": mask_var,
+        "prior_factors": prior_factors,
+        "var_covariates": var_covariates,
+    }
+    for name, value in per_mod.items():
+        # a misspelt modality would silently leave the real one on the default
+        extra = [m for m in value if m not in mods] if isinstance(value, dict) else []
+        if extra:
+            raise ValueError(
+                f"{name}: {extra} not among the fitted modalities ({', '.join(mods)})."
+            )
     obs_names = mdata.obs_names
     for m in mods:
         mod_obs = mdata.mod[m].obs_names
