@@ -391,6 +391,13 @@ def test_missing_entries_are_ignored_and_imputed():
     err = np.sqrt(np.mean((imputed[miss] - truth[miss]) ** 2))
     assert err < 0.2  # noise sd 0.3; column means would give ~1.7
     assert res.n_factors == k
+    # a masked array's masked entries are missing in the fit, and so in impute (they used
+    # to keep the hidden values); a torch tensor works; sparse y is refused by name
+    masked = np.ma.masked_array(np.where(miss, 1e6, y), mask=miss)
+    np.testing.assert_array_equal(res.impute(masked), imputed)
+    np.testing.assert_array_equal(res.impute(torch.tensor(y_obs)), imputed)
+    with pytest.raises(TypeError, match="impute needs the dense y with NaN"):
+        res.impute(sp.csr_matrix(np.nan_to_num(y_obs)))
 
 
 def test_intercept_and_init():

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 
 @dataclass
@@ -91,7 +93,17 @@ class EBMFResult:
         return lm @ fm.T
 
     def impute(self, y) -> np.ndarray:
-        """A copy of dense ``y`` with its NaN entries replaced by the fitted values."""
+        """A copy of dense ``y`` with its missing entries (NaN, or the masked entries of a
+        numpy masked array, as in the fit) replaced by the fitted values."""
+        if sp.issparse(y) or (isinstance(y, torch.Tensor) and y.layout != torch.strided):
+            raise TypeError(
+                "impute needs the dense y with NaN for missing entries; a sparse matrix has "
+                "no missing entries (use fitted() for the fitted values)."
+            )
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        if np.ma.isMaskedArray(y):
+            y = np.ma.filled(np.ma.asarray(y, dtype=np.float64), np.nan)
         out = np.array(y, dtype=np.float64, copy=True)
         if out.shape != (self.L.shape[0], self.F.shape[0]):
             raise ValueError(
