@@ -832,6 +832,87 @@ def _normal_mle_reference(x: np.ndarray, s: np.ndarray) -> float:
     return best
 
 
+def _point_normal_objective_mp(x, s, pi0, eta):
+    """f(pi0, eta) = sum log(pi0 N(x; 0, s^2) + (1 - pi0) N(x; 0, s^2 + e^{2 eta})), its
+    gradient and Hessian in (pi0, eta), per observation in 50-digit mpmath."""
+    import mpmath as mp
+
+    mp.mp.dps = 50
+    s2, pi0 = mp.mpf(s) ** 2, mp.mpf(pi0)
+    v = s2 + mp.e ** (2 * mp.mpf(eta))
+    q = (v - s2) / v
+    f = gp = gpp = ge = gpe = gee = mp.mpf(0)
+    for xi in x:
+        x2 = mp.mpf(float(xi)) ** 2
+        n0 = mp.e ** (-x2 / (2 * s2)) / mp.sqrt(2 * mp.pi * s2)
+        n1 = mp.e ** (-x2 / (2 * v)) / mp.sqrt(2 * mp.pi * v)
+        p = pi0 * n0 + (1 - pi0) * n1
+        r1 = (1 - pi0) * n1 / p
+        d1 = q * (x2 / v - 1)  # d log N(x; 0, v) / d eta, and its derivative
+        d2 = 2 * q * (x2 / v - 1 - 2 * q * x2 / v + q)
+        f += mp.log(p)
+        gp += (n0 - n1) / p
+        gpp -= ((n0 - n1) / p) ** 2
+        ge += r1 * d1
+        gpe -= n0 * n1 * d1 / p**2
+        gee += r1 * d2 + r1 * (1 - r1) * d1**2
+    return (
+        float(f),
+        np.array([float(gp), float(ge)]),
+        np.array([[float(gpp), float(gpe)], [float(gpe), float(gee)]]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("scale", "pi0"),
+    [(3.0, 0.5), (3.0, 1e-9), (3.0, 1 - 1e-9), (1e-3, 0.5), (1e-3, 1 - 1e-6), (30.0, 0.99)],
+)
+def test_point_normal_objective_with_one_standard_error_against_mpmath(scale, pi0):
+    """With one s for all observations (a fit's loadings under constant or column noise)
+    the point-normal objective has a closed form in x^2 / s^2; its value, gradient and
+    Hessian match 50-digit arithmetic, including next to the null (sigma << s, where the
+    slab and the spike nearly coincide) and at pi0 near 0 and 1."""
+    import torch
+
+    from cebmf._math import log_normal_pdf
+    from cebmf.priors import PointNormal
+    from cebmf.priors._spike_slab import _Data
+
+    rng = np.random.default_rng(3)
+    s = 0.7
+    x = np.where(rng.random(150) < 0.6, 0.0, rng.normal(0.0, 3.0, 150)) + s * rng.normal(size=150)
+    xt, st = torch.tensor(x), torch.tensor([s], dtype=torch.float64)
+    data = _Data(xt, st, log_normal_pdf(xt, st * st), x.size)
+    eta = math.log(scale)
+    f, g, h = PointNormal()._objective(data, pi0, eta, True)
+    f_ref, g_ref, h_ref = _point_normal_objective_mp(x, s, pi0, eta)
+    assert f == pytest.approx(f_ref, rel=1e-13, abs=1e-11)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-12 * np.abs(g_ref).max() + 1e-300)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-9, atol=1e-12 * np.abs(h_ref).max())
+    assert PointNormal()._objective(data, pi0, eta, False)[0] == pytest.approx(f, rel=1e-14)
+
+
+@pytest.mark.parametrize("data", ["point_normal", "null"])
+def test_point_normal_with_one_standard_error_is_the_maximum(data):
+    """A scalar s takes the closed-form objective: the fit is still the brute-force
+    maximum and matches the general path (the same s given once per observation)."""
+    n = 4000
+    rng = np.random.default_rng(8)
+    if data == "null":
+        x, s = 1.3 * rng.standard_normal(n), 1.3
+    else:
+        _, x, s_vec = simulate("point_normal", n, seed=22, hetero=False)
+        s = float(s_vec[0])
+    one = cebmf.ebnm(x, s, "point_normal")
+    each = cebmf.ebnm(x, np.full(n, s), "point_normal")
+    assert one.loglik == pytest.approx(ref.loglik(one.g, x, np.full(n, s)), rel=1e-10)
+    assert one.loglik == pytest.approx(each.loglik, rel=1e-12, abs=1e-9)
+    assert one.g["pi0"] == pytest.approx(each.g["pi0"], abs=1e-6)
+    np.testing.assert_allclose(one.mean, each.mean, rtol=1e-6, atol=1e-9)
+    best, par = brute_force_parametric("point_normal", x, np.full(n, s), 0.0, 0.1)
+    assert best - one.loglik <= 1e-6 * n, (best, par, one.g)
+
+
 def test_normal_prior_is_the_closed_form_with_one_standard_error():
     """One s for all: sigma^2 = mean(x^2) - s^2 exactly; posterior N(q x, q s^2)."""
     rng = np.random.default_rng(5)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,6 +54,7 @@ class _Data:
     s: torch.Tensor
     l0: torch.Tensor | None  # log N(x; 0, s^2): the spike's marginal
     n: int
+    cache: dict[str, Any] = field(default_factory=dict)  # a family's per-call quantities
 
 
 class SpikeSlabPrior(Prior):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as fn
 
 from .._math import exp_any, log_normal_pdf, normal_sign_probs
 from ._spike_slab import SpikeSlabPrior, _Data
@@ -182,3 +183,54 @@ class PointNormal(_NormalSlab):
     """
 
     name = "point_normal"
+
+    def _objective(self, data: _Data, pi0: float, eta: float, derivs: bool):
+        """f(pi0, eta) (and its derivatives) in closed form when one s serves every
+        observation (the loadings of a fit with constant or column noise).
+
+        With w_i = x_i^2 / s^2 - 1, v = s^2 + sigma^2 and q = sigma^2 / v, the slab's and
+        the spike's log marginals differ by an affine function of w: the slab's log-odds
+        is u_i = logit(1 - pi0) - log(v / s^2) / 2 + q (w_i + 1) / 2, and its
+        eta-derivatives are d1 = q (1 - q) w - q^2, d2 = 2 q (1 - q) ((1 - 2q) w - 2q).
+        With r1 = sigmoid(u), r0 = sigmoid(-u) (so e0 = r0 / pi0, e1 = r1 / (1 - pi0)),
+        every sum of the general gradient and Hessian is one of (e0 - e1, r1, r0 r1,
+        (e0 - e1)^2) against (1, w, w^2): one product instead of some thirty passes over
+        the data. f = sum l0 + n log pi0 + sum softplus(u). Centring x^2 / s^2 at its null
+        mean keeps the near-null sums free of cancellation.
+        """
+        if data.s.numel() != 1 or not 0.0 < pi0 < 1.0:
+            return super()._objective(data, pi0, eta, derivs)
+        cache = data.cache
+        if "basis" not in cache:
+            s2 = float(data.s.to(torch.float64)) ** 2
+            w = data.x.to(torch.float64).square().div_(s2).sub_(1.0)
+            cache["w"] = w
+            cache["basis"] = torch.stack([torch.ones_like(w), w, w * w])  # (3, n)
+            cache["s2"] = s2
+            cache["sum_l0"] = float(data.l0.sum(dtype=torch.float64))
+        s2, w = cache["s2"], cache["w"]
+        sigma2 = math.exp(2.0 * eta)
+        q = sigma2 / (s2 + sigma2)
+        lw0, lw1 = math.log(pi0), math.log1p(-pi0)
+        u0 = lw1 - lw0 - 0.5 * math.log1p(sigma2 / s2) + 0.5 * q
+        neg_u = (w * (-0.5 * q)).sub_(u0)
+        # softplus(u) = -log sigmoid(-u), which torch computes stably for any u
+        f = cache["sum_l0"] + data.n * lw0 - float(fn.logsigmoid(neg_u).sum())
+        if not derivs:
+            return f, None, None
+        p1 = 1.0 - pi0
+        r1 = torch.sigmoid((w * (0.5 * q)).add_(u0))
+        r0 = torch.sigmoid(neg_u)
+        r01 = r0 * r1
+        diff = (r0 * (1.0 / pi0)).sub_(r1, alpha=1.0 / p1)  # e0 - e1, per observation: near
+        # the null both are about 1, and expanding the square of the difference would cancel
+        # (3, n) @ (n, 4): a long inner dimension as BLAS likes it (4x faster than (4, n) @
+        # (n, 3) here)
+        sums = cache["basis"] @ torch.stack([diff, r1, r01, diff * diff]).T
+        (g_p, s_r1, s_r01, h_pp), (_, s_r1w, s_r01w, _), (_, _, s_r01ww, _) = sums.tolist()
+        a, b = q * (1.0 - q), -q * q  # d1 = a w + b
+        c, d = 2.0 * a * (1.0 - 2.0 * q), -4.0 * q * a  # d2 = c w + d
+        g_e = a * s_r1w + b * s_r1
+        h_pe = (a * s_r01w + b * s_r01) / (pi0 * p1)
+        h_ee = c * s_r1w + d * s_r1 + a * a * s_r01ww + 2.0 * a * b * s_r01w + b * b * s_r01
+        return f, np.array([g_p, g_e]), np.array([[-h_pp, -h_pe], [-h_pe, h_ee]])
