@@ -308,8 +308,17 @@ def test_bad_inputs_name_the_argument(counts):
     ):
         cebmf.tl.fit(a, obs_covariates="nope", **FAST)
     a.obs["with_nan"] = np.where(np.arange(a.n_obs) == 3, np.nan, 1.0 * np.arange(a.n_obs))
-    with pytest.raises(ValueError, match="column 'with_nan' has 1 missing / NaN"):
+    with pytest.raises(
+        ValueError,
+        match=r"column 'with_nan' has 1 missing / NaN / Inf value\(s\) among the fitted cells; "
+        r"impute them .* or subset adata",
+    ):
         cebmf.tl.fit(a, obs_covariates="with_nan", **FAST)
+    a.var["gc"] = np.where(np.arange(a.n_vars) == 0, np.nan, 1.0)  # gene 0 is fitted
+    with pytest.raises(ValueError, match=r"among the fitted genes; .*leave those genes out"):
+        cebmf.tl.fit(a, var_covariates="gc", mask_var=None, **FAST)
+    with pytest.raises(ValueError, match=r"2 NaN or Inf value\(s\) among the fitted genes"):
+        cebmf.tl.fit(a, var_covariates=np.c_[a.var["gc"], a.var["gc"]], mask_var=None, **FAST)
     a.obs["label"] = np.array(["a", "b"] * (a.n_obs // 2))
     with pytest.raises(ValueError, match=r"'label' has dtype object.*astype\('category'\)"):
         cebmf.tl.fit(a, obs_covariates="label", **FAST)

@@ -210,7 +210,7 @@ def _frame_column(frame: pd.DataFrame, name, argname: str) -> tuple[np.ndarray, 
         if bad.any():
             raise ValueError(
                 f"{argname}: column {label!r} has {int(bad.sum())} missing / NaN / Inf "
-                "value(s); impute or drop them first."
+                f"value(s) among the fitted {_entries(argname)}; {_missing_fix(argname)}."
             )
         return values[:, None], [label]
     raise ValueError(
@@ -263,12 +263,24 @@ def _numeric_block(value, argname: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
+def _entries(argname: str) -> str:
+    return "cells" if argname.startswith("obs") else "genes"
+
+
+def _missing_fix(argname: str) -> str:
+    """How to get rid of covariate values that are missing where the fit needs them."""
+    if argname.startswith("obs"):
+        return "impute them (e.g. with the column's median) or subset adata to other cells"
+    return "impute them (e.g. with the column's median) or leave those genes out (mask_var)"
+
+
 def _check_finite(block: np.ndarray, argname: str) -> None:
     bad = ~np.isfinite(block)
     if bad.any():
         raise ValueError(
-            f"{argname} contains {int(bad.sum())} NaN or Inf value(s) (the first in row "
-            f"{int(np.argwhere(bad)[0, 0])}); impute or drop them first."
+            f"{argname} contains {int(bad.sum())} NaN or Inf value(s) among the fitted "
+            f"{_entries(argname)} (the first in fitted row {int(np.argwhere(bad)[0, 0])}); "
+            f"{_missing_fix(argname)}."
         )
 
 
