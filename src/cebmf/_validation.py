@@ -14,6 +14,10 @@ import torch
 _FLOATS = (torch.float32, torch.float64)
 
 
+# the seeds a torch.Generator accepts
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def resolve_seed(random_state: Any, name: str = "random_state") -> int:
     """An integer seed from ``random_state``: an int is used as it is, None draws a fresh
     one from the operating system, a numpy ``Generator`` / ``RandomState`` draws one from
@@ -38,10 +42,6 @@ def resolve_seed(random_state: Any, name: str = "random_state") -> int:
         f"{name} must be an int, None or a numpy random generator, got "
         f"{type(random_state).__name__}."
     )
-
-
-# the seeds a torch.Generator accepts
-_SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:

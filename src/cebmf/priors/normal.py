@@ -222,10 +222,11 @@ class PointNormal(_NormalSlab):
         r1 = torch.sigmoid((w * (0.5 * q)).add_(u0))
         r0 = torch.sigmoid(neg_u)
         r01 = r0 * r1
-        diff = (r0 * (1.0 / pi0)).sub_(r1, alpha=1.0 / p1)  # e0 - e1, per observation: near
-        # the null both are about 1, and expanding the square of the difference would cancel
-        # (3, n) @ (n, 4): a long inner dimension as BLAS likes it (4x faster than (4, n) @
-        # (n, 3) here)
+        # e0 - e1 per observation: near the null both are about 1, and the expanded square
+        # of their difference would cancel
+        diff = (r0 * (1.0 / pi0)).sub_(r1, alpha=1.0 / p1)
+        # (3, n) @ (n, 4): the long dimension inside, as BLAS likes it (4x faster here than
+        # (4, n) @ (n, 3))
         sums = cache["basis"] @ torch.stack([diff, r1, r01, diff * diff]).T
         (g_p, s_r1, s_r01, h_pp), (_, s_r1w, s_r01w, _), (_, _, s_r01ww, _) = sums.tolist()
         a, b = q * (1.0 - q), -q * q  # d1 = a w + b

@@ -171,7 +171,7 @@ def _take_rows(y, cells: np.ndarray, n: int):
 
 # fit_ebmf arguments that tl.fit sets itself, and the tl.fit argument that sets each
 _SET_BY_FIT = {
-    "Y": "data / layer",
+    "Y": "layer",  # the matrix comes from the AnnData
     "max_factors": "n_factors",
     "prior_loadings": "prior_loadings",
     "prior_factors": "prior_factors",
@@ -185,7 +185,7 @@ _SET_BY_FIT = {
 }
 
 
-def check_engine_options(options: dict[str, Any]) -> None:
+def _check_engine_options(options: dict[str, Any]) -> None:
     """Refuse ``**engine_options`` that :func:`fit_ebmf` does not take, or that ``tl.fit``
     sets from one of its own arguments (which is then named)."""
     known = [n for n in inspect.signature(fit_ebmf).parameters if n not in _SET_BY_FIT]
@@ -328,7 +328,7 @@ def fit(
     if isinstance(n_factors, bool) or not isinstance(n_factors, int | np.integer) or n_factors < 1:
         raise ValueError(f"n_factors must be a positive integer, got {n_factors!r}.")
     check_flags(intercept=intercept, copy=copy, progress=progress)
-    check_engine_options(engine_options)
+    _check_engine_options(engine_options)
     random_state = resolve_seed(random_state)  # params record the seed actually used
     if md is not None and isinstance(data, md.MuData):
         return _fit_mudata(
