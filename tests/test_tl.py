@@ -416,7 +416,7 @@ def test_covariates_from_dataframes_align_on_the_index(counts):
         cebmf.tl.fit(a, obs_covariates=np.ones((a.n_obs, 2, 2)), **FAST)
     # a masked entry is missing (its hidden value used to be read as the covariate)
     hidden = np.ma.masked_array(np.ones(a.n_obs), mask=np.arange(a.n_obs) == 3)
-    with pytest.raises(ValueError, match=r"obs_covariates contains 1 NaN .*first in row 3"):
+    with pytest.raises(ValueError, match=r"obs_covariates contains 1 NaN .*first in fitted row 3"):
         cebmf.tl.fit(a, obs_covariates=hidden, **FAST)
     # a gene left out by mask_var needs no covariate value
     a.var["gc"] = np.where(np.arange(a.n_vars) == 0, np.nan, 0.4 + 0.001 * np.arange(a.n_vars))
