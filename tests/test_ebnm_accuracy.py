@@ -892,6 +892,56 @@ def test_point_normal_objective_with_one_standard_error_against_mpmath(scale, pi
     assert PointNormal()._objective(data, pi0, eta, False)[0] == pytest.approx(f, rel=1e-14)
 
 
+@pytest.mark.parametrize("mode", [0.0, 0.7, -1.3])
+@pytest.mark.parametrize(
+    ("s", "scale", "pi0"),
+    [
+        (1.0, 3.0, 0.5),
+        (0.004, 2.7, 0.3),
+        (0.004, 2.7, 1 - 1e-9),
+        (200.0, 0.2, 0.9),
+        (1.0, 3.0, 1e-9),
+    ],
+)
+def test_point_normal_posterior_with_one_standard_error(mode, s, scale, pi0):
+    """With one s, the posterior summaries and the log-likelihood come in closed form: they
+    match the general mixture path (which the quadrature tests above check) and the
+    log-likelihood matches 50-digit arithmetic, also where the slab is 700 times wider
+    than s (the spike's and the slab's log marginals, about -x^2 / 2 s^2, are both huge
+    there, and their difference must not be formed)."""
+    import mpmath as mp
+    import torch
+
+    from cebmf._math import log_normal_pdf
+    from cebmf.priors import PointNormal
+    from cebmf.priors._spike_slab import SpikeSlabPrior, _Data
+
+    rng = np.random.default_rng(4)
+    n = 400
+    x = np.where(rng.random(n) < 0.5, 0.0, rng.normal(0.0, scale, n)) + s * rng.normal(size=n)
+    xt, st = torch.tensor(x), torch.tensor([s], dtype=torch.float64)
+    prior, theta = PointNormal(mode=mode), (pi0, math.log(scale))
+
+    def data():
+        return _Data(xt, st, log_normal_pdf(xt, st * st), n)
+
+    fast = prior._result(data(), theta)
+    general = SpikeSlabPrior._result(prior, data(), theta)
+    for name in ("mean", "mean2", "sd", "lfsr"):
+        got, want = getattr(fast, name).numpy(), getattr(general, name).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
+    assert fast.g == general.g and fast.state == general.state
+    mp.mp.dps = 40
+    v = mp.mpf(s) ** 2 + mp.mpf(scale) ** 2
+    exact = mp.fsum(
+        mp.log(pi0 * mp.npdf(xi, 0, s) + (1 - pi0) * mp.npdf(xi, 0, mp.sqrt(v))) for xi in x
+    )
+    assert fast.loglik == pytest.approx(float(exact), rel=1e-13, abs=1e-10)
+    assert prior._objective(data(), pi0, theta[1], False)[0] == pytest.approx(
+        fast.loglik, rel=1e-14
+    )
+
+
 @pytest.mark.parametrize("data", ["point_normal", "null"])
 def test_point_normal_with_one_standard_error_is_the_maximum(data):
     """A scalar s takes the closed-form objective: the fit is still the brute-force

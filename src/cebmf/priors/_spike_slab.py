@@ -323,8 +323,13 @@ class SpikeSlabPrior(Prior):
         if self.has_spike:
             parts.insert(0, (data.l0 + _log(pi0), None, None, *point_sign_probs(0.0, c)))
         post = summarize(parts, shift=self.mode)
+        return EBNMResult.from_posterior(post, self._fitted_g(theta), {"pi0_eta": (pi0, eta)})
+
+    def _fitted_g(self, theta: tuple[float, float]) -> dict[str, Any]:
+        """The fitted prior ``g`` of ``theta = (pi0, eta)``."""
+        pi0, eta = theta
         g: dict[str, Any] = {"family": self.name, "mode": self.mode}
         if self.has_spike:
             g["pi0"] = pi0
         g.update(self._eta_to_g(eta))
-        return EBNMResult.from_posterior(post, g, {"pi0_eta": (pi0, eta)})
+        return g

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as fn
 
-from .._math import exp_any, log_normal_pdf, normal_sign_probs
+from .._math import LOG_2PI, exp_any, log_normal_pdf, normal_sign_probs, point_sign_probs
 from ._spike_slab import SpikeSlabPrior, _Data
 from .base import EBNMResult, register_prior
 
@@ -195,27 +195,13 @@ class PointNormal(_NormalSlab):
         With r1 = sigmoid(u), r0 = sigmoid(-u) (so e0 = r0 / pi0, e1 = r1 / (1 - pi0)),
         every sum of the general gradient and Hessian is one of (e0 - e1, r1, r0 r1,
         (e0 - e1)^2) against (1, w, w^2): one product instead of some thirty passes over
-        the data. f = sum l0 + n log pi0 + sum softplus(u). Centring x^2 / s^2 at its null
-        mean keeps the near-null sums free of cancellation.
+        the data. Centring x^2 / s^2 at its null mean keeps the near-null sums free of
+        cancellation; f is summed as in :meth:`_one_s_log_odds`.
         """
         if data.s.numel() != 1 or not 0.0 < pi0 < 1.0:
             return super()._objective(data, pi0, eta, derivs)
-        cache = data.cache
-        if "basis" not in cache:
-            s2 = float(data.s.to(torch.float64)) ** 2
-            w = data.x.to(torch.float64).square().div_(s2).sub_(1.0)
-            cache["w"] = w
-            cache["basis"] = torch.stack([torch.ones_like(w), w, w * w])  # (3, n)
-            cache["s2"] = s2
-            cache["sum_l0"] = float(data.l0.sum(dtype=torch.float64))
-        s2, w = cache["s2"], cache["w"]
-        sigma2 = math.exp(2.0 * eta)
-        q = sigma2 / (s2 + sigma2)
-        lw0, lw1 = math.log(pi0), math.log1p(-pi0)
-        u0 = lw1 - lw0 - 0.5 * math.log1p(sigma2 / s2) + 0.5 * q
-        neg_u = (w * (-0.5 * q)).sub_(u0)
-        # softplus(u) = -log sigmoid(-u), which torch computes stably for any u
-        f = cache["sum_l0"] + data.n * lw0 - float(fn.logsigmoid(neg_u).sum())
+        q, u0, neg_u, f = self._one_s_log_odds(data, pi0, eta)
+        w = data.cache["w"]
         if not derivs:
             return f, None, None
         p1 = 1.0 - pi0
@@ -227,11 +213,75 @@ class PointNormal(_NormalSlab):
         diff = (r0 * (1.0 / pi0)).sub_(r1, alpha=1.0 / p1)
         # (3, n) @ (n, 4): the long dimension inside, as BLAS likes it (4x faster here than
         # (4, n) @ (n, 3))
-        sums = cache["basis"] @ torch.stack([diff, r1, r01, diff * diff]).T
+        sums = data.cache["basis"] @ torch.stack([diff, r1, r01, diff * diff]).T
         (g_p, s_r1, s_r01, h_pp), (_, s_r1w, s_r01w, _), (_, _, s_r01ww, _) = sums.tolist()
-        a, b = q * (1.0 - q), -q * q  # d1 = a w + b
-        c, d = 2.0 * a * (1.0 - 2.0 * q), -4.0 * q * a  # d2 = c w + d
+        p = data.cache["s2"] / (data.cache["s2"] + math.exp(2.0 * eta))  # 1 - q, directly
+        a, b = q * p, -q * q  # d1 = a w + b
+        c, d = 2.0 * a * (p - q), -4.0 * q * a  # d2 = c w + d
         g_e = a * s_r1w + b * s_r1
         h_pe = (a * s_r01w + b * s_r01) / (pi0 * p1)
         h_ee = c * s_r1w + d * s_r1 + a * a * s_r01ww + 2.0 * a * b * s_r01w + b * b * s_r01
         return f, np.array([g_p, g_e]), np.array([[-h_pp, -h_pe], [-h_pe, h_ee]])
+
+    @staticmethod
+    def _one_s_log_odds(
+        data: _Data, pi0: float, eta: float
+    ) -> tuple[float, float, torch.Tensor, float]:
+        """``(q, u0, -u, f)`` of a one-s problem: the slab's log-odds u = u0 + q w / 2 (the
+        tensor -u is returned, float64) and the log-likelihood f. The first call of a fit
+        keeps s^2, w = x^2 / s^2 - 1 and the basis (1, w, w^2) in ``data.cache``."""
+        cache = data.cache
+        if "w" not in cache:
+            s2 = float(data.s.to(torch.float64)) ** 2
+            w = data.x.to(torch.float64).square().div_(s2).sub_(1.0)
+            cache["w"], cache["s2"] = w, s2
+            cache["basis"] = torch.stack([torch.ones_like(w), w, w * w])  # (3, n)
+        s2, w = cache["s2"], cache["w"]
+        sigma2 = math.exp(2.0 * eta)
+        q = sigma2 / (s2 + sigma2)
+        lw0, lw1 = math.log(pi0), math.log1p(-pi0)
+        u0 = lw1 - lw0 - 0.5 * math.log1p(sigma2 / s2) + 0.5 * q
+        neg_u = (w * (-0.5 * q)).sub_(u0)
+        # log(pi0 e^l0 + (1 - pi0) e^l1) = max(l0 + lw0, l1 + lw1) + log1p(e^-|u|): the larger
+        # term is summed as it is (l1 affine in w), never as l0 + u, whose two parts are
+        # both of size x^2 / s^2 where the slab dominates (they would cancel)
+        slab = neg_u < 0
+        p = s2 / (s2 + sigma2)  # 1 - q, formed directly (q is near 1 where the slab is wide)
+        l1 = (w * (-0.5 * p)).add_(-0.5 * (LOG_2PI + math.log(s2 + sigma2) + p))
+        top = torch.where(slab, l1.add_(lw1 - lw0), data.l0.to(torch.float64))
+        rest = fn.logsigmoid(neg_u.abs())  # -log1p(e^-|u|)
+        f = data.n * lw0 + float(top.sum().sub_(rest.sum()))
+        return q, u0, neg_u, f
+
+    def _result(self, data: _Data, theta: tuple[float, float]) -> EBNMResult:
+        """Posterior summaries in closed form when one s serves every observation: with the
+        slab's responsibility r1 (r0 = 1 - r1, both from the log-odds u of
+        :meth:`_objective`) and its posterior N(q x, q s^2), the mean is r1 q x and the
+        variance r1 q s^2 + r0 r1 (q x)^2 (the law of total variance, without the
+        cancellation of E theta^2 - (E theta)^2); the sign probabilities mix the spike's
+        and the slab's as in the general path."""
+        pi0, eta = theta
+        if data.s.numel() != 1 or not 0.0 < pi0 < 1.0 or not math.isfinite(eta):
+            return super()._result(data, theta)
+        q, _, neg_u, loglik = self._one_s_log_odds(data, pi0, eta)
+        s2 = data.cache["s2"]
+        r0 = torch.sigmoid(neg_u)
+        r1 = torch.sigmoid(-neg_u)
+        m1 = data.x.to(torch.float64) * q  # the slab's posterior mean and sd
+        sd1 = torch.full((1,), math.sqrt(q * s2), dtype=torch.float64, device=m1.device)
+        var = (r0 * m1 * m1).add_(q * s2).mul_(r1)
+        c = -self.mode
+        spike_le, spike_ge = point_sign_probs(0.0, c)
+        slab_le, slab_ge = normal_sign_probs(m1, sd1, c)
+        lfsr = torch.minimum(r0 * spike_le + r1 * slab_le, r0 * spike_ge + r1 * slab_ge)
+        mean = (r1 * m1).add_(self.mode)
+        dt = data.x.dtype
+        return EBNMResult(
+            mean=mean.to(dt),
+            mean2=(mean * mean + var).to(dt),
+            sd=var.sqrt().to(dt),
+            lfsr=lfsr.clamp(0.0, 1.0).to(dt),
+            loglik=loglik,
+            g=self._fitted_g(theta),
+            state={"pi0_eta": (pi0, eta)},
+        )
