@@ -200,12 +200,11 @@ class PointNormal(_NormalSlab):
         """
         if data.s.numel() != 1 or not 0.0 < pi0 < 1.0:
             return super()._objective(data, pi0, eta, derivs)
-        q, u0, neg_u, f = self._one_s_log_odds(data, pi0, eta)
-        w = data.cache["w"]
+        q, p, neg_u, f = self._one_s_log_odds(data, pi0, eta)
         if not derivs:
             return f, None, None
         p1 = 1.0 - pi0
-        r1 = torch.sigmoid((w * (0.5 * q)).add_(u0))
+        r1 = torch.sigmoid(neg_u.neg())
         r0 = torch.sigmoid(neg_u)
         r01 = r0 * r1
         # e0 - e1 per observation: near the null both are about 1, and the expanded square
@@ -215,7 +214,6 @@ class PointNormal(_NormalSlab):
         # (4, n) @ (n, 3))
         sums = data.cache["basis"] @ torch.stack([diff, r1, r01, diff * diff]).T
         (g_p, s_r1, s_r01, h_pp), (_, s_r1w, s_r01w, _), (_, _, s_r01ww, _) = sums.tolist()
-        p = data.cache["s2"] / (data.cache["s2"] + math.exp(2.0 * eta))  # 1 - q, directly
         a, b = q * p, -q * q  # d1 = a w + b
         c, d = 2.0 * a * (p - q), -4.0 * q * a  # d2 = c w + d
         g_e = a * s_r1w + b * s_r1
@@ -227,9 +225,11 @@ class PointNormal(_NormalSlab):
     def _one_s_log_odds(
         data: _Data, pi0: float, eta: float
     ) -> tuple[float, float, torch.Tensor, float]:
-        """``(q, u0, -u, f)`` of a one-s problem: the slab's log-odds u = u0 + q w / 2 (the
-        tensor -u is returned, float64) and the log-likelihood f. The first call of a fit
-        keeps s^2, w = x^2 / s^2 - 1 and the basis (1, w, w^2) in ``data.cache``."""
+        """``(q, 1 - q, -u, f)`` of a one-s problem: q = sigma^2 / (s^2 + sigma^2) and its
+        complement (formed directly: q is near 1 where the slab is wide), the slab's
+        log-odds u = u0 + q w / 2 (the tensor -u, float64) and the log-likelihood f. The
+        first call of a fit keeps s^2, w = x^2 / s^2 - 1 and the basis (1, w, w^2) in
+        ``data.cache``."""
         cache = data.cache
         if "w" not in cache:
             s2 = float(data.s.to(torch.float64)) ** 2
@@ -238,7 +238,7 @@ class PointNormal(_NormalSlab):
             cache["basis"] = torch.stack([torch.ones_like(w), w, w * w])  # (3, n)
         s2, w = cache["s2"], cache["w"]
         sigma2 = math.exp(2.0 * eta)
-        q = sigma2 / (s2 + sigma2)
+        q, p = sigma2 / (s2 + sigma2), s2 / (s2 + sigma2)
         lw0, lw1 = math.log(pi0), math.log1p(-pi0)
         u0 = lw1 - lw0 - 0.5 * math.log1p(sigma2 / s2) + 0.5 * q
         neg_u = (w * (-0.5 * q)).sub_(u0)
@@ -246,12 +246,11 @@ class PointNormal(_NormalSlab):
         # term is summed as it is (l1 affine in w), never as l0 + u, whose two parts are
         # both of size x^2 / s^2 where the slab dominates (they would cancel)
         slab = neg_u < 0
-        p = s2 / (s2 + sigma2)  # 1 - q, formed directly (q is near 1 where the slab is wide)
         l1 = (w * (-0.5 * p)).add_(-0.5 * (LOG_2PI + math.log(s2 + sigma2) + p))
         top = torch.where(slab, l1.add_(lw1 - lw0), data.l0.to(torch.float64))
         rest = fn.logsigmoid(neg_u.abs())  # -log1p(e^-|u|)
         f = data.n * lw0 + float(top.sum().sub_(rest.sum()))
-        return q, u0, neg_u, f
+        return q, p, neg_u, f
 
     def _result(self, data: _Data, theta: tuple[float, float]) -> EBNMResult:
         """Posterior summaries in closed form when one s serves every observation: with the
