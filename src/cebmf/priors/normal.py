@@ -206,6 +206,7 @@ class PointNormal(_NormalSlab):
         p1 = 1.0 - pi0
         r1 = torch.sigmoid(neg_u.neg())
         r0 = torch.sigmoid(neg_u)
+        data.cache["responsibilities"] = ((pi0, eta), r0, r1)  # for _result at this point
         r01 = r0 * r1
         # e0 - e1 per observation: near the null both are about 1, and the expanded square
         # of their difference would cancel
@@ -229,8 +230,11 @@ class PointNormal(_NormalSlab):
         complement (formed directly: q is near 1 where the slab is wide), the slab's
         log-odds u = u0 + q w / 2 (the tensor -u, float64) and the log-likelihood f. The
         first call of a fit keeps s^2, w = x^2 / s^2 - 1 and the basis (1, w, w^2) in
-        ``data.cache``."""
+        ``data.cache``, and each call its result: the posterior at the optimum reuses the
+        last evaluation of the Newton search."""
         cache = data.cache
+        if cache.get("at") == (pi0, eta):
+            return cache["log_odds"]
         if "w" not in cache:
             s2 = float(data.s.to(torch.float64)) ** 2
             w = data.x.to(torch.float64).square().div_(s2).sub_(1.0)
@@ -250,6 +254,7 @@ class PointNormal(_NormalSlab):
         top = torch.where(slab, l1.add_(lw1 - lw0), data.l0.to(torch.float64))
         rest = fn.logsigmoid(neg_u.abs())  # -log1p(e^-|u|)
         f = data.n * lw0 + float(top.sum().sub_(rest.sum()))
+        cache["at"], cache["log_odds"] = (pi0, eta), (q, p, neg_u, f)
         return q, p, neg_u, f
 
     def _result(self, data: _Data, theta: tuple[float, float]) -> EBNMResult:
@@ -264,8 +269,9 @@ class PointNormal(_NormalSlab):
             return super()._result(data, theta)
         q, _, neg_u, loglik = self._one_s_log_odds(data, pi0, eta)
         s2 = data.cache["s2"]
-        r0 = torch.sigmoid(neg_u)
-        r1 = torch.sigmoid(-neg_u)
+        at, r0, r1 = data.cache.get("responsibilities", (None, None, None))
+        if at != (pi0, eta):
+            r0, r1 = torch.sigmoid(neg_u), torch.sigmoid(-neg_u)
         m1 = data.x.to(torch.float64) * q  # the slab's posterior mean and sd
         sd1 = torch.full((1,), math.sqrt(q * s2), dtype=torch.float64, device=m1.device)
         var = (r0 * m1 * m1).add_(q * s2).mul_(r1)
