@@ -642,3 +642,37 @@ def test_skipping_the_lfsr_changes_nothing_else_and_fix_g_restores_it(family, mo
     if not prior.uses_covariates:
         again = prior.fit(x, s, g_init=full.g, fix_g=True, **kw)
         torch.testing.assert_close(again.lfsr, full.lfsr, rtol=1e-9, atol=1e-12)
+
+
+def _ascent_step_by_eigh(grad, hess, free):
+    """The modified Newton step from numpy's (LAPACK) eigendecomposition of -H on the free
+    coordinates: sum_i v_i (v_i . g) / max(|lambda_i|, 1e-10 max_j |lambda_j|)."""
+    idx = np.flatnonzero(free)
+    w, vecs = np.linalg.eigh(-np.asarray(hess)[np.ix_(idx, idx)])
+    w = np.maximum(np.abs(w), 1e-10 * max(np.abs(w).max(), 1e-300))
+    step = np.zeros(2)
+    step[idx] = vecs @ ((vecs.T @ np.asarray(grad)[idx]) / w)
+    return step
+
+
+def test_two_parameter_newton_step_matches_an_eigendecomposition():
+    from cebmf.priors._spike_slab import _ascent_step
+
+    rng = np.random.default_rng(3)
+    for trial in range(3000):
+        a = rng.normal(size=(2, 2)) * 10.0 ** rng.uniform(-6, 6, size=(2, 2))
+        hess = (a + a.T) / 2  # definite or indefinite, scales apart by up to 1e12
+        if trial % 5 == 0:
+            hess[0, 1] = hess[1, 0] = 0.0
+        grad = rng.normal(size=2) * 10.0 ** rng.uniform(-4, 4)
+        free = [[True, True], [True, False], [False, True]][trial % 3]
+        got = np.array(_ascent_step(grad.tolist(), hess.tolist(), free))
+        want = _ascent_step_by_eigh(grad, hess, free)
+        # both round at the condition number of -H (floored at 1e10)
+        w = np.abs(np.linalg.eigvalsh(hess))
+        cond = min(w.max() / max(w.min(), 1e-300), 1e10) if all(free) else 1.0
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 1e-13 * cond * scale, (trial, hess, grad, free)
+        # an ascent direction whenever the gradient is not zero on the free coordinates
+        assert float(grad @ got) > 0
+    assert not np.isfinite(_ascent_step([1.0, 1.0], [[np.nan, 0.0], [0.0, -1.0]], [True] * 2)).all()

@@ -48,6 +48,44 @@ def _log(v: float) -> float:
     return math.log(v) if v > 0 else -math.inf
 
 
+def _ascent_step(grad: list[float], hess: list[list[float]], free: list[bool]) -> list[float]:
+    """Newton step on the free coordinates of a 2-parameter problem, with the Hessian's
+    eigenvalues replaced by their absolute values (floored at 1e-10 of the largest):
+    sum_i v_i (v_i . g) / |lambda_i| over the eigenpairs of -H, always an ascent
+    direction. The symmetric 2 x 2 eigenproblem in closed form; the smaller eigenvalue
+    as det / larger, which keeps its relative accuracy."""
+    if free[0] and free[1]:
+        a, b, c = -hess[0][0], -hess[0][1], -hess[1][1]
+        if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(c)):
+            return [math.nan, math.nan]
+        if b == 0.0:
+            pairs = [(a, 1.0, 0.0), (c, 0.0, 1.0)]
+        else:
+            half_sum = 0.5 * (a + c)
+            radius = math.hypot(0.5 * (a - c), b)  # > 0 as b != 0
+            big = half_sum + radius if half_sum >= 0 else half_sum - radius
+            large, other = (a, c) if abs(a) > abs(c) else (c, a)
+            small = (large / big) * other - (b / big) * b  # det / big
+            # eigenvector of big: the better conditioned of (big - c, b) and (b, big - a)
+            e1, e2 = (big - c, b) if abs(big - c) >= abs(big - a) else (b, big - a)
+            norm = math.hypot(e1, e2)
+            e1, e2 = e1 / norm, e2 / norm
+            pairs = [(big, e1, e2), (small, -e2, e1)]
+        floor = 1e-10 * max(abs(pairs[0][0]), abs(pairs[1][0]), 1e-300)
+        step = [0.0, 0.0]
+        for lam, u1, u2 in pairs:
+            coef = (u1 * grad[0] + u2 * grad[1]) / max(abs(lam), floor)
+            step[0] += coef * u1
+            step[1] += coef * u2
+        return step
+    step = [0.0, 0.0]
+    for i in (0, 1):
+        if free[i]:
+            h = abs(-hess[i][i])
+            step[i] = grad[i] / max(h, 1e-10 * max(h, 1e-300))
+    return step
+
+
 @dataclass
 class _Data:
     x: torch.Tensor  # observations minus the mode
@@ -260,41 +298,44 @@ class SpikeSlabPrior(Prior):
     def _newton(
         self, data: _Data, v: np.ndarray, lo: np.ndarray, hi: np.ndarray
     ) -> tuple[np.ndarray, float]:
-        """Maximise f over the box [lo, hi] by projected, damped Newton steps."""
-        dims = np.array([self.has_spike, True])
-        max_step = np.array([1.0, 3.0])
+        """Maximise f over the box [lo, hi] by projected, damped Newton steps (on Python
+        floats: with two parameters, numpy's per-call overhead would dominate)."""
+        dims = (self.has_spike, True)
+        max_step = (1.0, 3.0)
+        v = [float(v[0]), float(v[1])]
+        lo = [float(lo[0]), float(lo[1])]
+        hi = [float(hi[0]), float(hi[1])]
         f, grad, hess = self._objective(data, *v, True)
+        grad, hess = grad.tolist(), hess.tolist()
         n = max(data.n, 1)
         tol = 1e-10 * n + 1e-13 * abs(f)
         for _ in range(self.max_iter):
-            free = dims & ~(((v <= lo) & (grad < 0)) | ((v >= hi) & (grad > 0)))
-            if not free.any():
+            free = [
+                dims[i] and not ((v[i] <= lo[i] and grad[i] < 0) or (v[i] >= hi[i] and grad[i] > 0))
+                for i in (0, 1)
+            ]
+            if not any(free):
                 break
-            gf = grad[free]
-            hf = -hess[np.ix_(free, free)]
-            w, vecs = np.linalg.eigh(hf)
-            floor = 1e-10 * max(np.abs(w).max(), 1e-300)
-            w = np.maximum(np.abs(w), floor)
-            step = np.zeros_like(v)
-            step[free] = vecs @ ((vecs.T @ gf) / w)
-            pred = float(grad @ step)
-            if not np.isfinite(pred) or pred < tol:
+            step = _ascent_step(grad, hess, free)
+            pred = grad[0] * step[0] + grad[1] * step[1]
+            if not math.isfinite(pred) or pred < tol:
                 break
             # Newton converges quadratically: after a step predicted to gain < 1e-7 n, what
             # is left is negligible, so accept it on the objective alone and stop
             last = pred < 1e-7 * n
-            scale = np.max(np.abs(step) / max_step)
+            scale = max(abs(step[0]) / max_step[0], abs(step[1]) / max_step[1])
             if scale > 1:
-                step /= scale
+                step = [step[0] / scale, step[1] / scale]
             t = 1.0
             accepted = False
             for trial in range(40):
-                cand = np.clip(v + t * step, lo, hi)
+                cand = [min(max(v[i] + t * step[i], lo[i]), hi[i]) for i in (0, 1)]
                 if trial == 0 and not last:
                     fc, gc, hc = self._objective(data, *cand, True)
                 else:
                     fc = self._objective(data, *cand, False)[0]
-                if np.isfinite(fc) and fc >= f + 1e-4 * float(grad @ (cand - v)) and fc > f:
+                rise = grad[0] * (cand[0] - v[0]) + grad[1] * (cand[1] - v[1])
+                if math.isfinite(fc) and fc >= f + 1e-4 * rise and fc > f:
                     accepted = True
                     break
                 t *= 0.5
@@ -305,12 +346,13 @@ class SpikeSlabPrior(Prior):
             if last:
                 break
             if trial == 0:
-                grad, hess = gc, hc
+                grad, hess = gc.tolist(), hc.tolist()
             else:
                 f, grad, hess = self._objective(data, *v, True)
+                grad, hess = grad.tolist(), hess.tolist()
             if gain < tol:
                 break
-        return v, f
+        return np.array(v), f
 
     # ---- results ------------------------------------------------------------------
     def _result(self, data: _Data, theta: tuple[float, float]) -> EBNMResult:
