@@ -664,6 +664,19 @@ def test_max_factors_above_the_matrix_rank_is_capped_and_logged(caplog):
     assert "max_factors" not in caplog.text
 
 
+def test_a_fit_that_ends_at_max_factors_says_so(caplog):
+    y, *_ = simulate(n=200, p=60, k=3, sd=0.3, seed=5)
+    with caplog.at_level(logging.INFO, logger="cebmf"):
+        capped = cebmf.fit_ebmf(y, max_factors=2)
+    assert capped.n_factors == 2
+    assert "ended with 2 learned factors, the cap (max_factors)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cebmf"):
+        free = cebmf.fit_ebmf(y, max_factors=10)
+    assert free.n_factors < 10
+    assert "the cap (max_factors)" not in caplog.text
+
+
 def test_masked_side_inputs_are_refused_not_read():
     # np.asarray drops a mask: the hidden values used to be read as covariates / loadings
     y, *_ = simulate(n=30, p=20, seed=19)

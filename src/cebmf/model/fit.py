@@ -442,6 +442,12 @@ def _fit_stages(
         # retry the greedy addition only if a backfit moved the residual and budget is left
         if not (greedy and backfit) or engine.k == 0 or n_learned() >= cap or n_iter >= max_iter:
             break
+    if greedy and n_learned() >= cap:
+        logger.info(
+            "the fit ended with %d learned factors, the cap (max_factors): the cap, not the "
+            "data, set their number; a larger max_factors lets the data choose",
+            cap,
+        )
     return converged, stop, n_iter, timing
 
 
