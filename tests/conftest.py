@@ -10,6 +10,10 @@ torch.set_num_threads(2)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# Devices that device-sensitive tests are parametrised over: the CPU always, and CUDA
+# where this machine has one (CI has no GPU: there they run on the CPU, nothing skipped).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 def shared_data(name: str) -> Path:
     """Path of a file in ../shared/data; skips (or fails under CI) when it is absent."""

@@ -16,6 +16,7 @@ import pytest
 import reference as ref
 import scipy.sparse as sp
 import torch
+from conftest import DEVICES
 from scipy import special, stats
 
 import cebmf
@@ -63,34 +64,37 @@ def dense_elbo(y, res):
             x, s = inputs[side]
             if x is None:  # a fixed side carries no KL term
                 continue
-            x, s = x.cpu().numpy(), s.cpu().numpy()
+            assert isinstance(x, np.ndarray) and isinstance(s, np.ndarray)
             m, m2 = mean[:, k], sd[:, k] ** 2 + mean[:, k] ** 2
             e = -0.5 * np.sum(np.log(2 * math.pi * s**2) + (m2 - 2 * x * m + x**2) / s**2)
             kl += ref.loglik(res.priors[k][side], x, s) - e
     return data + kl
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("noise", ["constant", "row", "column"])
 @pytest.mark.parametrize("kind", ["dense", "sparse", "missing"])
-def test_reported_elbo_equals_independent_dense_computation(noise, kind):
+def test_reported_elbo_equals_independent_dense_computation(noise, kind, device):
     y, *_ = simulate(seed=1)
     if kind == "missing":
         y = y.copy()
         y[np.random.default_rng(2).random(y.shape) < 0.1] = np.nan
     data = sp.csr_matrix(y) if kind == "sparse" else y
-    res = cebmf.fit_ebmf(data, noise=noise, max_factors=4, keep_ebnm_inputs=True)
+    res = cebmf.fit_ebmf(
+        data, noise=noise, max_factors=4, keep_ebnm_inputs=True, device=device, dtype=F64
+    )
     assert res.n_factors >= 2
     assert res.elbo == pytest.approx(dense_elbo(y, res), rel=1e-6)
     # the posterior moments are the EBNM posterior of the recorded problem
     for k in range(res.n_factors):
         x, s = res.ebnm_inputs[k]["loadings"]
-        post = ref.posterior_quad_many(res.priors[k]["loadings"], x.numpy()[:10], s.numpy()[:10])
+        post = ref.posterior_quad_many(res.priors[k]["loadings"], x[:10], s[:10])
         np.testing.assert_allclose(res.L[:10, k], post["mean"], rtol=1e-6, atol=1e-9)
 
 
-def _drive(y, family, noise, k=3, sweeps=4):
+def _drive(y, family, noise, k=3, sweeps=4, device="cpu"):
     """Initialise k factors, then record the ELBO after every single update."""
-    data = as_data_matrix(y, dtype=F64, device=torch.device("cpu"))
+    data = as_data_matrix(y, dtype=F64, device=torch.device(device))
     eng = Engine(data, noise)
     eng.update_noise()
     gen = torch.Generator().manual_seed(0)
@@ -115,14 +119,15 @@ def _drive(y, family, noise, k=3, sweeps=4):
     return np.array(trace)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", available_priors(covariates=False))
 @pytest.mark.parametrize("noise", ["constant", "row", "column"])
 @pytest.mark.parametrize("kind", ["dense", "sparse", "missing"])
-def test_elbo_never_decreases_over_updates(family, noise, kind):
+def test_elbo_never_decreases_over_updates(family, noise, kind, device):
     y, *_ = simulate(n=60, p=40, seed=3, nonneg=family in NONNEG)
     if kind == "missing":
         y[np.random.default_rng(4).random(y.shape) < 0.15] = np.nan
-    trace = _drive(sp.csr_matrix(y) if kind == "sparse" else y, family, noise)
+    trace = _drive(sp.csr_matrix(y) if kind == "sparse" else y, family, noise, device=device)
     assert trace.size > 10
     drops = np.diff(trace)
     assert drops.min() >= -1e-9 * np.abs(trace).max(), drops.min()
@@ -138,7 +143,8 @@ def test_elbo_never_decreases_over_updates(family, noise, kind):
         ("row", "normal_scale_mixture", 2),
     ],
 )
-def test_float32_fit_elbo_trace_never_decreases(noise, family, seed):
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_fit_elbo_trace_never_decreases(noise, family, seed, device):
     """float32 compute (a GPU's default) rounds the moments, so a late backfit sweep can
     lower the float64 ELBO by ~1e-4 nats (these cases did, before such a sweep was undone).
     Every recorded ELBO, greedy, rotation, backfit and nullcheck, is at least the one
@@ -148,17 +154,19 @@ def test_float32_fit_elbo_trace_never_decreases(noise, family, seed):
     lo = rng.normal(size=(n, k)) * (rng.random((n, k)) < 0.4)
     y = lo @ rng.normal(size=(p, k)).T + rng.normal(size=(n, p))
     kw = dict(noise=noise, prior_loadings=family, prior_factors=family, random_state=seed)
+    kw["device"] = device
     res = cebmf.fit_ebmf(y, dtype="float32", max_factors=5, **kw)
     trace = np.asarray(res.elbo_trace)
     assert trace.size > 5 and np.diff(trace).min() >= 0.0
     assert res.converged
-    full = cebmf.fit_ebmf(y, max_factors=5, **kw)
+    full = cebmf.fit_ebmf(y, dtype="float64", max_factors=5, **kw)
     assert res.n_factors == full.n_factors
     assert abs(res.elbo - full.elbo) < 1e-5 * abs(full.elbo)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
-def test_float32_fit_matches_float64_on_a_strong_signal(kind):
+def test_float32_fit_matches_float64_on_a_strong_signal(kind, device):
     """Each update subtracts from Y F_k the part the other factors explain; with a strong
     signal that leaves a small residual, which float32 products cannot resolve (they used
     to stop this fit after ~50 sweeps, 5 700 nats (3e-2) below float64). The products are
@@ -168,8 +176,9 @@ def test_float32_fit_matches_float64_on_a_strong_signal(kind):
     lo = rng.normal(0, 3, (n, k)) * (rng.random((n, k)) < 0.5)
     y = lo @ rng.normal(0, 3, (p, k)).T + rng.normal(0, 0.3, (n, p))
     data = y if kind == "dense" else sp.csr_matrix(np.where(np.abs(y) < 1.0, 0.0, y))
-    r32 = cebmf.fit_ebmf(data, dtype="float32", noise="column", max_factors=6)
-    r64 = cebmf.fit_ebmf(data, noise="column", max_factors=6)
+    kw = dict(noise="column", max_factors=6, device=device)
+    r32 = cebmf.fit_ebmf(data, dtype="float32", **kw)
+    r64 = cebmf.fit_ebmf(data, dtype="float64", **kw)
     assert r32.L.dtype == np.float32 and r32.n_factors == r64.n_factors
     assert r32.n_iter == r64.n_iter
     assert abs(r32.elbo - r64.elbo) < 1e-6 * abs(r64.elbo)
@@ -177,8 +186,9 @@ def test_float32_fit_matches_float64_on_a_strong_signal(kind):
     assert np.diff(r32.elbo_trace).min() >= 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prior", ["point_exponential", "point_laplace", "nonnegative_mixture"])
-def test_float32_exponential_slabs_match_float64_at_high_signal_to_noise(prior):
+def test_float32_exponential_slabs_match_float64_at_high_signal_to_noise(prior, device):
     """Nonnegative data with noise sd 1e-2 (|x| / s of the EBNM problems up to ~1e4): the
     float32 fit (the GPU default) follows the float64 one (to 2e-7 here). The exponential
     slabs' log marginals used to subtract two terms of size (x/s)^2 / 2, so these float32
@@ -190,7 +200,8 @@ def test_float32_exponential_slabs_match_float64_at_high_signal_to_noise(prior):
     fa = rng.exponential(1, (p, k)) * (rng.random((p, k)) < 0.3)
     y = lo @ fa.T + 1e-2 * rng.standard_normal((n, p))
     kw = dict(prior_loadings=prior, prior_factors=prior, noise="constant", max_factors=5)
-    r64 = cebmf.fit_ebmf(y, **kw)
+    kw["device"] = device
+    r64 = cebmf.fit_ebmf(y, dtype="float64", **kw)
     r32 = cebmf.fit_ebmf(y.astype(np.float32), dtype="float32", **kw)
     assert r32.n_factors == r64.n_factors >= k
     assert abs(r32.elbo - r64.elbo) < 1e-6 * abs(r64.elbo)
@@ -304,7 +315,10 @@ def test_sparse_backends_give_the_dense_products(monkeypatch, int64_indices):
 
 def test_sparse_backend_argument_gives_the_same_fit():
     y = sp.csr_matrix(_log_counts())
-    fits = [cebmf.fit_ebmf(y, max_factors=4, sparse_backend=b) for b in ("scipy", "torch")]
+    # the scipy backend runs on the CPU alone
+    fits = [
+        cebmf.fit_ebmf(y, max_factors=4, sparse_backend=b, device="cpu") for b in ("scipy", "torch")
+    ]
     assert fits[0].n_factors == fits[1].n_factors >= 2
     assert fits[0].elbo == pytest.approx(fits[1].elbo, rel=1e-10)
     np.testing.assert_allclose(fits[0].L @ fits[0].F.T, fits[1].L @ fits[1].F.T, atol=1e-7)
@@ -358,11 +372,13 @@ def test_float32_sparse_values_are_upcast_in_blocks(monkeypatch):
     assert fit32.elbo == pytest.approx(fit64.elbo, rel=1e-9)
 
 
-def test_sparse_and_dense_fits_agree():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_and_dense_fits_agree(device):
     y = _log_counts()
-    dense = cebmf.fit_ebmf(y, max_factors=6)
-    sparse = cebmf.fit_ebmf(sp.csr_matrix(y), max_factors=6)
-    csc = cebmf.fit_ebmf(sp.csc_matrix(y), max_factors=6)
+    kw = dict(max_factors=6, device=device, dtype=F64)
+    dense = cebmf.fit_ebmf(y, **kw)
+    sparse = cebmf.fit_ebmf(sp.csr_matrix(y), **kw)
+    csc = cebmf.fit_ebmf(sp.csc_matrix(y), **kw)
     assert dense.n_factors == sparse.n_factors == csc.n_factors >= 2
     # iterative fits agree up to their convergence tolerance (rounding differences change
     # the path, not the optimum)
@@ -371,7 +387,8 @@ def test_sparse_and_dense_fits_agree():
         assert other.elbo == pytest.approx(dense.elbo, rel=1e-6)
 
 
-def test_missing_entries_are_ignored_and_imputed():
+@pytest.mark.parametrize("device", DEVICES)
+def test_missing_entries_are_ignored_and_imputed(device):
     rng = np.random.default_rng(10)
     n, p, k = 300, 120, 3
     lo = rng.normal(size=(n, k))
@@ -380,10 +397,12 @@ def test_missing_entries_are_ignored_and_imputed():
     y = truth + rng.normal(0, 0.3, (n, p))
     miss = rng.random((n, p)) < 0.2
     y_obs = np.where(miss, np.nan, y)
-    res = cebmf.fit_ebmf(y_obs, noise="constant")
+    res = cebmf.fit_ebmf(y_obs, noise="constant", device=device, dtype=F64)
     # entries at missing positions do not matter: a different value there, same fit
     y_other = np.where(miss, 1e6, y)
-    mask_fit = cebmf.fit_ebmf(np.where(miss, np.nan, y_other), noise="constant")
+    mask_fit = cebmf.fit_ebmf(
+        np.where(miss, np.nan, y_other), noise="constant", device=device, dtype=F64
+    )
     np.testing.assert_allclose(mask_fit.fitted(), res.fitted(), rtol=1e-10, atol=1e-10)
     imputed = res.impute(y_obs)
     assert not np.isnan(imputed).any()
@@ -528,15 +547,15 @@ def test_masked_array_entries_are_missing():
     hide = np.random.default_rng(0).random(y.shape) < 0.1
     masked = np.ma.masked_array(y, mask=hide)
     before = masked.data.copy()
-    res = cebmf.fit_ebmf(masked)
-    ref = cebmf.fit_ebmf(np.where(hide, np.nan, y))
+    res = cebmf.fit_ebmf(masked, device="cpu")
+    ref = cebmf.fit_ebmf(np.where(hide, np.nan, y), device="cpu")
     assert res.elbo == pytest.approx(ref.elbo, rel=1e-12)
     np.testing.assert_allclose(res.fitted(), ref.fitted(), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(masked.data, before)  # the caller's data is not filled
     # an integer masked array becomes a floating copy with NaN where masked
     ints = np.ma.masked_array(np.round(y * 10).astype(np.int64), mask=hide)
-    ref_int = cebmf.fit_ebmf(np.where(hide, np.nan, np.round(y * 10)))
-    assert cebmf.fit_ebmf(ints).elbo == pytest.approx(ref_int.elbo, rel=1e-12)
+    ref_int = cebmf.fit_ebmf(np.where(hide, np.nan, np.round(y * 10)), device="cpu")
+    assert cebmf.fit_ebmf(ints, device="cpu").elbo == pytest.approx(ref_int.elbo, rel=1e-12)
 
 
 @pytest.mark.parametrize("scale", [1e-100, 1e-7, 1e7, 1e100])

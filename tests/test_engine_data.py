@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import shared_data
+from conftest import DEVICES, shared_data
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cebmf
@@ -51,14 +51,19 @@ def test_pbmc_facs_loadings_separate_cell_types():
         assert best > 1.0, (major, best)
 
 
-def test_sparse_fit_never_allocates_a_dense_matrix():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_fit_never_allocates_a_dense_matrix(device):
     # 50,000 x 2,000 at 1% density: the dense matrix would take 800 MB, the CSR 12 MB.
+    # On the CPU the guard is the process's peak resident memory; on a GPU, torch's peak
+    # allocation on the device (the host's resident memory there also counts the CUDA
+    # libraries' kernels, loaded as first used)
     code = textwrap.dedent(
         """
         import json, re, sys
         import numpy as np, scipy.sparse as sp, torch
         import cebmf
         torch.set_num_threads(2)
+        device = sys.argv[1]
         rng = np.random.default_rng(0)
         n, p = 50_000, 2_000
         y = sp.random(n, p, density=0.01, format="csr", random_state=1,
@@ -69,23 +74,34 @@ def test_sparse_fit_never_allocates_a_dense_matrix():
             a, b = rng.random(n) < share_n, rng.random(p) < share_p
             y.data[a[r] & b[c]] += 3.0
         y.data = np.log1p(y.data)
-        cebmf.fit_ebmf(y[:100], max_factors=1, noise="constant")  # load every module
+        cebmf.fit_ebmf(y[:100], max_factors=1, noise="constant", device=device)  # load all
 
         def status(key):
             text = open("/proc/self/status").read()
             return int(re.search(rf"^{key}:\\s+(\\d+) kB", text, re.M).group(1)) * 1024
 
         open("/proc/self/clear_refs", "w").write("5")
-        before = status("VmRSS")
-        res = cebmf.fit_ebmf(y, max_factors=4, max_iter=5)
-        print(json.dumps({"peak": status("VmHWM") - before, "k": res.n_factors,
+        if device == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            before = status("VmRSS")
+        res = cebmf.fit_ebmf(y, max_factors=4, max_iter=5, device=device)
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            peak = status("VmHWM") - before
+        print(json.dumps({"peak": peak, "k": res.n_factors,
                           "sweeps": res.n_iter,
                           "sparse": y.data.nbytes + y.indices.nbytes + y.indptr.nbytes}))
         """
     )
     if not sys.platform.startswith("linux"):
         pytest.skip("the peak-memory guard reads /proc (Linux only)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, device], capture_output=True, text=True, check=True
+    )
     info = json.loads(out.stdout.strip().splitlines()[-1])
     dense_bytes = 50_000 * 2_000 * 8
     assert info["k"] >= 2 and info["sweeps"] >= 1, info  # the blocks were fitted and swept

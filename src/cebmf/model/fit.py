@@ -701,7 +701,10 @@ def _result(engine: Engine, trace, converged, stop, n_iter) -> EBMFResult:
     if engine.keep_inputs:
         inputs = [
             {
-                side.name: (side.last_x[k], side.last_s[k].expand_as(side.last_x[k]))
+                side.name: (
+                    side.last_x[k].cpu().numpy(),
+                    side.last_s[k].expand_as(side.last_x[k]).cpu().numpy(),
+                )
                 if side.last_x[k] is not None
                 else (None, None)
                 for side in (lo, fa)

@@ -50,6 +50,10 @@ class EBMFResult:
         Whether the last backfit converged, why the fit stopped, and backfit sweeps run.
     timing
         Seconds spent in the greedy stage, the backfit and the nullcheck.
+    ebnm_inputs
+        With ``fit_ebmf(..., keep_ebnm_inputs=True)``: per factor, ``{side: (x, s)}``, the
+        observations and standard errors of that side's last EBNM problem as numpy arrays
+        (on the host, whatever the fit's device); ``(None, None)`` for a fixed side.
     """
 
     L: np.ndarray
