@@ -687,12 +687,12 @@ def test_a_fit_that_ends_at_max_factors_says_so(caplog):
     y, *_ = simulate(n=200, p=60, k=3, sd=0.3, seed=5)
     with caplog.at_level(logging.INFO, logger="cebmf"):
         capped = cebmf.fit_ebmf(y, max_factors=2)
-    assert capped.n_factors == 2
+    assert capped.n_factors == 2 and capped.max_factors_reached
     assert "ended with 2 learned factors, the cap (max_factors)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="cebmf"):
         free = cebmf.fit_ebmf(y, max_factors=10)
-    assert free.n_factors < 10
+    assert free.n_factors < 10 and not free.max_factors_reached
     assert "the cap (max_factors)" not in caplog.text
 
 

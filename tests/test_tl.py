@@ -143,6 +143,18 @@ def test_h5ad_round_trip_keeps_every_output(counts, tmp_path):
     params = cebmf.priors.get_prior("cash").prior_parameters(g_b, rb["covariates"]["loadings"])
     np.testing.assert_allclose(params["pi"][:, 0], g_a["pi0"], rtol=1e-10)
     assert list(rb["params"]["obs_covariates"]) == ["percent_mito", "group=x", "group=y"]
+    # whether the cap set the number of factors: a plain bool, kept by the round trip
+    assert isinstance(ra["max_factors_reached"], bool)
+    assert bool(rb["max_factors_reached"]) == ra["max_factors_reached"]
+    assert ra["max_factors_reached"] == (a.obsm["X_cebmf"].shape[1] == FAST["n_factors"])
+
+
+def test_a_fit_capped_by_n_factors_is_recorded(counts):
+    # the counts' cell groups need more than one factor: with n_factors=1 the cap decides
+    a = counts.copy()
+    cebmf.tl.fit(a, n_factors=1, max_iter=30)
+    assert a.obsm["X_cebmf"].shape[1] == 1
+    assert a.uns["cebmf"]["max_factors_reached"] is True
 
 
 def test_key_added_twice_and_copy(counts):
@@ -511,7 +523,12 @@ def test_cli_fit_on_the_demo_output(tmp_path):
     from cebmf.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", n_factors=5)
-    assert "factors chosen by the data" in summary
+    # the summary says whether the data or the cap set the number of factors (it used to
+    # say "chosen by the data" either way): 5 is too few for these cells, so the cap did
+    record = ad.read_h5ad(tmp_path / "demo" / "pbmc68k_cebmf.h5ad").uns["cebmf"]
+    assert record["max_factors_reached"] and len(record["factor_names"]) == 5
+    assert "5 factors: the cap (n_factors=5) set their number" in summary
+    assert "chosen by the data" not in summary
     for name in (
         "factors_umap.png",
         "top_genes.png",

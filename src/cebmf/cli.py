@@ -118,6 +118,12 @@ def _fit(args: argparse.Namespace) -> int:
             f"cebmf fit: {len(record['pve'])} factors, ELBO {record['elbo_final']:.6g}, "
             f"converged={record['converged']} in {time.perf_counter() - start:.1f} s; "
             f"wrote {dest}"
+            + (
+                "\ncebmf fit: the cap (--n-factors) set the number of factors; a larger one "
+                "lets the data choose"
+                if record["max_factors_reached"]
+                else ""
+            )
         )
     return 0
 

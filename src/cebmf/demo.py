@@ -93,8 +93,14 @@ def run_demo(out: Path, n_factors: int = 20, max_iter: int = 80, progress: bool 
     lines = [
         f"cebmf demo: pbmc68k_reduced, {adata.n_obs} cells x {adata.n_vars} genes "
         f"(integer counts, log1p-normalised), cash loading priors on {', '.join(COVARIATES)}",
-        f"{k} factors chosen by the data (at most {n_factors}), {record['n_iter']} backfit "
-        f"sweeps, converged={record['converged']}, fit in {fit_s:.1f} s",
+        (
+            f"{k} factors: the cap (n_factors={n_factors}) set their number, a larger one lets "
+            "the data choose"
+            if record["max_factors_reached"]
+            else f"{k} factors chosen by the data (at most {n_factors})"
+        )
+        + f", {record['n_iter']} backfit sweeps, converged={record['converged']}, fit in "
+        f"{fit_s:.1f} s",
         "",
         f"{'factor':<10}{'pve':>7}  {'highest mean loading':<30}{'lowest mean loading':<30}"
         "top genes (|factor|)",

@@ -337,7 +337,7 @@ def fit_ebmf(
         )
 
     with collect_shortfalls() as shortfalls:
-        converged, stop, n_iter, timing = _fit_stages(
+        converged, stop, n_iter, timing, capped = _fit_stages(
             engine,
             choose_l=choose_l,
             choose_f=choose_f,
@@ -356,6 +356,7 @@ def fit_ebmf(
         res = _result(engine, trace, converged, stop, n_iter)
     _report_shortfalls(shortfalls, tol)
     res.timing = timing
+    res.max_factors_reached = capped
     return res
 
 
@@ -396,9 +397,10 @@ def _fit_stages(
     nullcheck: bool,
     trace: list,
     bar,
-) -> tuple[bool, str, int, dict[str, float]]:
+) -> tuple[bool, str, int, dict[str, float], bool]:
     """Greedy additions, rotation proposal, backfit and nullcheck, in rounds. Returns
-    ``(converged, stop_reason, backfit sweeps, timing)``."""
+    ``(converged, stop_reason, backfit sweeps, timing, whether the greedy additions ended
+    at the cap)``."""
 
     def n_learned() -> int:
         fixed = zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
@@ -442,13 +444,14 @@ def _fit_stages(
         # retry the greedy addition only if a backfit moved the residual and budget is left
         if not (greedy and backfit) or engine.k == 0 or n_learned() >= cap or n_iter >= max_iter:
             break
-    if greedy and n_learned() >= cap:
+    capped = greedy and n_learned() >= cap
+    if capped:
         logger.info(
             "the fit ended with %d learned factors, the cap (max_factors): the cap, not the "
             "data, set their number; a larger max_factors lets the data choose",
             cap,
         )
-    return converged, stop, n_iter, timing
+    return converged, stop, n_iter, timing, capped
 
 
 def _progress(enabled: bool):

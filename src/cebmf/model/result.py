@@ -50,6 +50,10 @@ class EBMFResult:
         Whether the last backfit converged, why the fit stopped, and backfit sweeps run.
     timing
         Seconds spent in the greedy stage, the backfit and the nullcheck.
+    max_factors_reached
+        Whether the fit ended with ``max_factors`` learned factors (or min(N, P)): then
+        the cap, not the data, set their number, and a larger ``max_factors`` lets the
+        data choose.
     ebnm_inputs
         With ``fit_ebmf(..., keep_ebnm_inputs=True)``: per factor, ``{side: (x, s)}``, the
         observations and standard errors of that side's last EBNM problem as numpy arrays
@@ -73,6 +77,7 @@ class EBMFResult:
     stop_reason: str
     n_iter: int
     timing: dict[str, float] = field(default_factory=dict)
+    max_factors_reached: bool = False
     ebnm_inputs: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property

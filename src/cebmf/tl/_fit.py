@@ -274,6 +274,9 @@ def fit(
         ``uns[key]["params"]["var_covariates"]`` names the columns ``"mod:name"``.
     n_factors
         Most factors to add; the number kept is chosen by the data (greedy + nullcheck).
+        ``uns[key]["max_factors_reached"]`` is True when the fit ended with this many
+        learned factors: then the cap set their number, and a larger one lets the data
+        choose.
     prior_loadings, prior_factors
         Prior family names or :class:`~cebmf.priors.Prior` objects; default
         ``"point_normal"``, or ``"cash"`` for a side with covariates.
@@ -316,7 +319,7 @@ def fit(
     None, or the copy when ``copy=True``. Writes ``obsm["X_{key}"]`` (loadings, N x K),
     ``obsm["X_{key}_sd"]``, ``obsm["X_{key}_lfsr"]``, ``varm["{key}_factors"]`` and its
     ``_sd`` / ``_lfsr`` (n_vars x K), and ``uns[key]`` (params, elbo trace, pve, noise_sd,
-    converged, n_iter, factor_names, priors, var_mask, obs_mask, covariates). A
+    converged, n_iter, max_factors_reached, factor_names, priors, var_mask, obs_mask, covariates). A
     ``key_added`` whose outputs would overwrite another fit's is refused.
     """
     try:

@@ -67,6 +67,7 @@ def uns_summary(res: EBMFResult, params: dict, covariates: dict, extra: dict) ->
         "converged": bool(res.converged),
         "stop_reason": res.stop_reason,
         "n_iter": int(res.n_iter),
+        "max_factors_reached": bool(res.max_factors_reached),
         "timing": dict(res.timing),
         "fixed": np.asarray([list(f) for f in res.fixed], dtype=bool).reshape(-1, 2),
         "priors": {name: pr for name, pr in zip(names, res.priors, strict=True)},
