@@ -172,6 +172,7 @@ def test_tutorial2_fit_is_stored_in_the_anndata(tutorial2):
     k = ns["n_factors_chosen"]
     # the number of factors is chosen by the data, up to the cap
     assert 3 <= k <= ns["N_FACTORS"]
+    assert record["max_factors_reached"] == (k == ns["N_FACTORS"])
     assert adata.obsm["X_cebmf"].shape == (700, k)
     assert adata.varm["cebmf_factors"].shape == (765, k)
     assert record["params"]["prior_loadings"] == "cash"

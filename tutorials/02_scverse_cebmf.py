@@ -102,7 +102,9 @@ print(adata.obs[COVARIATES].describe().loc[["mean", "std", "min", "max"]])
 # matrix stays sparse). Because `obs_covariates` is given, the loadings get the
 # covariate-moderated `cash` prior; the factors (genes) keep the default `point_normal`
 # prior. `n_factors` is an upper bound: factors are added while they improve the fit. We
-# cap it at 10 to keep this tutorial fast.
+# cap it at 10 to keep this tutorial fast; `uns["cebmf"]["max_factors_reached"]` says
+# whether the cap, rather than the data, set the number of factors (a larger `n_factors`
+# then lets the data choose).
 
 # %%
 N_FACTORS = 10
@@ -113,7 +115,10 @@ fit_seconds = time.perf_counter() - start
 record = adata.uns["cebmf"]
 n_factors_chosen = len(record["factor_names"])
 print(f"fit in {fit_seconds:.1f} s")
-print(f"factors: {n_factors_chosen} (at most {N_FACTORS})")
+print(
+    f"factors: {n_factors_chosen} (at most {N_FACTORS}; "
+    f"set by the cap: {record['max_factors_reached']})"
+)
 print(
     f"priors: loadings {record['params']['prior_loadings']!r}, factors "
     f"{record['params']['prior_factors']!r}; transform {record['params']['transform']!r}"
@@ -410,7 +415,8 @@ show(cebmf.pl.elbo(adata, show=False, return_fig=True), "elbo")
 #
 # * `cebmf.tl.fit(adata, obs_covariates=[...])` fits covariate-moderated EBMF to the counts
 #   in an AnnData (sparse, transformed on the fly) and writes loadings to `obsm`, factors
-#   to `varm` and everything else to `uns`; the number of factors is chosen by the data.
+#   to `varm` and everything else to `uns`; the number of factors is chosen by the data
+#   up to `n_factors` (`uns["cebmf"]["max_factors_reached"]` tells when the cap chose it).
 # * Cell-type programmes show up as factors with marker genes on top; the learned prior
 #   tells how the chance that a cell uses a programme depends on its covariates.
 # * The ELBO compares models fitted to the same data, e.g. with and without covariates.
