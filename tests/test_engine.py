@@ -23,7 +23,7 @@ import cebmf
 from cebmf.data import as_data_matrix
 from cebmf.data.matrix import SparseData
 from cebmf.model.engine import Engine
-from cebmf.model.init import leading_pair
+from cebmf.model.init import InitBasis, leading_pair
 from cebmf.priors import available_priors, get_prior
 
 NONNEG = {"point_exponential", "nonnegative_mixture", "generalized_binary"}
@@ -225,6 +225,46 @@ def test_recovers_rank_and_beats_truncated_svd(sd):
     assert rmse < rmse_svd
     assert res.noise_sd == pytest.approx(sd, rel=0.02)
     assert np.all(np.diff(res.elbo_trace) >= -1e-9 * abs(res.elbo))
+
+
+def test_warm_started_initialiser_finds_the_next_singular_pair():
+    """After a factor is added, the initialiser started from the previous call's trailing
+    singular vectors (``InitBasis``) finds the residual's leading right singular vector,
+    checked against numpy's SVD of the dense residual: with two power iterations it is
+    closer than a random start with two (every trial, by 5x) and, over the trials, than a
+    random start with four (the cold default). Singular values 10, 9, 8.5, ... after the
+    first: a small gap, where the block's start matters."""
+    rng = np.random.default_rng(0)
+    n, p = 300, 120
+    u, _ = np.linalg.qr(rng.normal(size=(n, 8)))
+    v, _ = np.linalg.qr(rng.normal(size=(p, 8)))
+    sig = np.array([30, 10, 9.0, 8.5, 8.0, 7.6, 7.3, 7.0])
+    y = (u * sig) @ v.T + 0.05 * rng.normal(size=(n, p))
+    prior = get_prior("point_normal")
+    errors = {"warm": [], "cold 2": [], "cold 4": []}
+    for trial in range(8):
+        eng = Engine(as_data_matrix(y, dtype=F64, device=torch.device("cpu")), "constant")
+        basis = InitBasis()
+        l1, f1 = leading_pair(eng, torch.Generator().manual_seed(trial), basis=basis)
+        assert basis.vectors.shape == (p, 5)
+        np.testing.assert_allclose(basis.vectors.T @ basis.vectors, np.eye(5), atol=1e-12)
+        assert np.abs(basis.vectors.numpy().T @ f1.numpy()).max() < 1e-8 * f1.norm()
+        eng.add_factor(l1, torch.zeros_like(l1), f1, torch.zeros_like(f1), prior, prior)
+        top = np.linalg.svd(y - np.outer(l1.numpy(), f1.numpy()))[2][0]
+
+        def error(pair, top=top):
+            f = pair[1].numpy()
+            return 1.0 - abs(f @ top) / np.linalg.norm(f)
+
+        def gen(t=trial):
+            return torch.Generator().manual_seed(100 + t)
+
+        errors["warm"].append(error(leading_pair(eng, gen(), basis=InitBasis(basis.vectors))))
+        errors["cold 2"].append(error(leading_pair(eng, gen(), power_iter=2)))
+        errors["cold 4"].append(error(leading_pair(eng, gen())))
+    warm, cold2, cold4 = (np.array(errors[k]) for k in ("warm", "cold 2", "cold 4"))
+    assert np.all(warm * 5 < cold2), errors
+    assert np.median(warm) < np.median(cold4) and warm.max() < 1e-4, errors
 
 
 def test_pure_noise_gives_zero_factors():

@@ -17,7 +17,7 @@ from ..data.convert import as_data_matrix, resolve_device, resolve_dtype
 from ..priors._mixsqp import collect_shortfalls
 from ..priors.base import Prior, get_prior
 from .engine import Engine
-from .init import leading_pair
+from .init import InitBasis, leading_pair
 from .noise import check_noise, uses_rows
 from .result import EBMFResult
 from .rotation import sparse_rotation
@@ -408,13 +408,14 @@ def _fit_stages(
 
     timing = {"greedy_s": 0.0, "rotate_s": 0.0, "backfit_s": 0.0, "nullcheck_s": 0.0}
     converged, stop, n_iter = True, "greedy only", 0
+    basis = InitBasis()  # the initialiser's warm start, from one greedy addition to the next
     for round_ in range(_MAX_ROUNDS):
         # greedy additions until one fails; after a backfit (rounds > 0) the residual has
         # changed, so the failed addition is tried again
         clock = time.perf_counter()
         added = 0
         while greedy and n_learned() < cap:
-            ok, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace)
+            ok, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace, basis)
             bar.update(1)
             if not ok:
                 break
@@ -473,13 +474,15 @@ def _progress(enabled: bool):
     return _Silent()
 
 
-def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace):
+def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace, basis=None):
     """Add one factor from the residual's leading pair and iterate it alone; keep it if it
-    is non-zero and raises the ELBO."""
+    is non-zero and raises the ELBO. ``basis`` warm-starts the initialiser (init.py)."""
     k = engine.k
     prior_l, prior_f = choose_l[k], choose_f[k]
     elbo_before = engine.elbo()
-    pair = leading_pair(engine, gen, nonneg_l=prior_l.nonnegative, nonneg_f=prior_f.nonnegative)
+    pair = leading_pair(
+        engine, gen, nonneg_l=prior_l.nonnegative, nonneg_f=prior_f.nonnegative, basis=basis
+    )
     if pair is None:
         return False, elbo_before
     snap = engine.snapshot()
