@@ -23,9 +23,9 @@ Cases (each runs in a fresh subprocess so its peak memory is its own):
   ``--sizes``), transform ``auto`` (library-size normalisation + log1p), column noise, at
   most 10 factors and ``--max-sweeps`` sweeps: the memory of the whole scverse path
   (x_sparse is relative to the AnnData's count matrix). After library-size
-  normalisation these simulated counts support few factors; **tl-log-N** therefore also
-  fits the log1p data of the sparse cases (float32 CSR, ``transform=None``), where all 10
-  factors are used.
+  normalisation these simulated counts carry weak structure (one factor at N = 2 x 10^4,
+  ten at 2 x 10^5); **tl-log-N** also fits the log1p data of the sparse cases (float32
+  CSR, ``transform=None``), where all 10 factors are used at every N.
 * **sparse-N**: N x 2,000 with 5% non-zeros at random positions whose values carry a
   rank-5 nonnegative signal (log1p of Poisson counts with a low-rank mean), column noise,
   at most 10 factors, ``--max-sweeps`` backfit sweeps at most. Peer in the same process:
