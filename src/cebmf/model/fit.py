@@ -474,7 +474,7 @@ def _progress(enabled: bool):
     return _Silent()
 
 
-def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace, basis=None):
+def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace, basis):
     """Add one factor from the residual's leading pair and iterate it alone; keep it if it
     is non-zero and raises the ELBO. ``basis`` warm-starts the initialiser (init.py)."""
     k = engine.k

@@ -81,8 +81,7 @@ def _ascent_step(grad: list[float], hess: list[list[float]], free: list[bool]) -
     step = [0.0, 0.0]
     for i in (0, 1):
         if free[i]:
-            h = abs(-hess[i][i])
-            step[i] = grad[i] / max(h, 1e-10 * max(h, 1e-300))
+            step[i] = grad[i] / max(abs(hess[i][i]), 1e-310)  # the 2-D floor, one eigenvalue
     return step
 
 
