@@ -478,6 +478,30 @@ def test_intercept_and_init():
     assert np.corrcoef(init.fitted().ravel(), (lo @ fa.T).ravel())[0, 1] > 0.95
 
 
+@pytest.mark.parametrize(
+    ("max_factors", "scale", "rotate"), [(3, 1.0, True), (3, 1.0, False), (1, 1e-3, False)]
+)
+def test_greedy_runs_again_when_a_bad_init_dies(max_factors, scale, rotate):
+    """An init whose factors the backfit (or the rotation proposal) removes leaves the
+    residual Y itself: the greedy stage must then look at it, not end with no factors
+    (also when the init fills max_factors, so that no greedy addition ran before)."""
+    rng = np.random.default_rng(0)
+    n, p = 200, 80
+    lo = rng.normal(size=(n, 2)) * (rng.random((n, 2)) < 0.5)
+    y = lo @ rng.normal(size=(p, 2)).T + rng.normal(size=(n, p))
+    k = min(2, max_factors)
+    plain = cebmf.fit_ebmf(y, max_factors=max_factors, rotate=rotate)
+    assert plain.n_factors == k
+    bad = np.random.default_rng(12)
+    init = (scale * bad.normal(size=(n, k)), bad.normal(size=(p, k)))
+    res = cebmf.fit_ebmf(y, max_factors=max_factors, init=init, rotate=rotate)
+    assert res.n_factors == k
+    assert res.elbo == pytest.approx(plain.elbo, rel=1e-6)
+    # pure noise with the same init: it dies and the greedy stage adds nothing
+    res = cebmf.fit_ebmf(rng.normal(size=(n, p)), max_factors=max_factors, init=init)
+    assert res.n_factors == 0 and res.converged and res.stop_reason == "no factors left"
+
+
 def test_ldf_and_pve():
     y, *_ = simulate(n=200, p=100, seed=12, sd=0.5)
     res = cebmf.fit_ebmf(y)

@@ -90,6 +90,83 @@ def test_every_input_kind_fits_and_leaves_the_input_untouched(counts, kind):
     assert a.uns["cebmf"]["params"]["transform"] == expected
 
 
+@pytest.mark.parametrize("transform", ["auto", "log1p", "binary", "tfidf"])
+def test_a_sparse_matrix_with_duplicate_entries_is_fitted_as_its_sum(counts, transform):
+    """Each count of 2 or more stored as two entries (c - 1 and 1), as a CSR may hold
+    them: the transforms work entry by entry, so the duplicates must be summed first."""
+    canon = counts.X.tocsr().astype(np.float32)
+    coo = canon.tocoo()
+    split = coo.data >= 2
+    rows = np.r_[coo.row, coo.row[split]]
+    cols = np.r_[coo.col, coo.col[split]]
+    vals = np.r_[np.where(split, coo.data - 1, coo.data), np.ones(split.sum())]
+    order = np.lexsort((cols, rows))
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=canon.shape[0]))]
+    dup = sp.csr_matrix((vals[order].astype(np.float32), cols[order], indptr), shape=canon.shape)
+    assert not dup.has_canonical_format and dup.nnz > canon.nnz
+    np.testing.assert_array_equal(dup.toarray(), canon.toarray())
+    fits = {}
+    for name, x in (("dup", dup), ("canon", canon)):
+        a = counts.copy()
+        a.X = x
+        snap = _snapshot(x)
+        cebmf.tl.fit(a, transform=transform, **FAST)
+        assert _same(a.X, snap)  # the duplicates are summed on a copy
+        fits[name] = a
+    np.testing.assert_allclose(
+        fits["dup"].obsm["X_cebmf"], fits["canon"].obsm["X_cebmf"], rtol=1e-6, atol=1e-9
+    )
+    assert fits["dup"].uns["cebmf"]["elbo_final"] == pytest.approx(
+        fits["canon"].uns["cebmf"]["elbo_final"], rel=1e-9
+    )
+
+
+def test_target_sum_none_is_the_median_library_size(counts):
+    a, b = counts.copy(), counts.copy()
+    median = float(np.median(np.asarray(counts.X.sum(1)).ravel()))
+    cebmf.tl.fit(a, target_sum=None, **FAST)
+    cebmf.tl.fit(b, target_sum=median, **FAST)
+    assert a.uns["cebmf"]["params"]["target_sum"] == median
+    np.testing.assert_array_equal(a.obsm["X_cebmf"], b.obsm["X_cebmf"])
+
+
+def test_init_and_fixed_factors_are_given_per_cell_and_gene_of_adata(counts):
+    """Cells and genes left out of the fit (no signal) are dropped from a user's init."""
+    a = counts.copy()
+    x = a.X.toarray()
+    x[[3, 7]] = 0  # two cells without counts: left out of the fit
+    a.X = sp.csr_matrix(x)
+    rng = np.random.default_rng(0)
+    l0, f0 = rng.normal(size=(a.n_obs, 1)), rng.normal(size=(a.n_vars, 1))
+    kept = np.setdiff1d(np.arange(a.n_obs), [3, 7])
+    b = a.copy()
+    cebmf.tl.fit(a, init=(l0, f0), **FAST)
+    cebmf.tl.fit(b, init=(l0[kept], f0), **FAST)  # already in the fitted cells
+    np.testing.assert_array_equal(a.obsm["X_cebmf"], b.obsm["X_cebmf"])
+    np.testing.assert_array_equal(a.obsm["X_cebmf"][[3, 7]], 0.0)
+    with pytest.raises(ValueError, match=r"init\[0\] \(L0\) has 100 rows; give one per cell"):
+        cebmf.tl.fit(a, init=(l0[:100], f0), **FAST)
+    with pytest.raises(ValueError, match=r"fixed_factors has 5 rows; give one per gene"):
+        cebmf.tl.fit(a, fixed_factors=np.ones(5), **FAST)
+
+
+def test_key_added_never_overwrites_another_tools_results(counts):
+    a = counts.copy()
+    umap = np.arange(2.0 * a.n_obs).reshape(-1, 2)
+    a.obsm["X_umap"] = umap.copy()
+    a.uns["umap"] = {"params": {"min_dist": 0.5}}
+    with pytest.raises(ValueError, match=r"key_added='umap' would overwrite uns\['umap'\], "):
+        cebmf.tl.fit(a, key_added="umap", **FAST)
+    a.varm["pca_factors"] = np.ones((a.n_vars, 3))  # no uns["pca"]: still another tool's
+    with pytest.raises(ValueError, match=r"overwrite varm\['pca_factors'\], which this package"):
+        cebmf.tl.fit(a, key_added="pca", **FAST)
+    np.testing.assert_array_equal(a.obsm["X_umap"], umap)
+    assert dict(a.uns["umap"]["params"]) == {"min_dist": 0.5}
+    cebmf.tl.fit(a, key_added="mine", **FAST)
+    cebmf.tl.fit(a, key_added="mine", **FAST)  # a fit of ours may be replaced
+    assert "factor_names" in a.uns["mine"]
+
+
 def test_integer_counts_and_logged_data_give_the_same_fit(counts):
     raw = counts.copy()
     logged = counts.copy()
@@ -338,6 +415,17 @@ def test_bad_inputs_name_the_argument(counts):
         cebmf.tl.fit(a, obs_covariates=np.ones((10, 2)), **FAST)
     with pytest.raises(ValueError, match="layer='raw' is not a layer"):
         cebmf.tl.fit(a, layer="raw", **FAST)
+    with pytest.raises(ValueError, match=r"layer must be the name of a layer .* got \{'rna'"):
+        cebmf.tl.fit(a, layer={"rna": "counts"}, **FAST)
+    for bad_sum in (np.nan, np.inf, 0, -5.0, "1e4", True):
+        with pytest.raises(ValueError, match="target_sum must be a positive finite number"):
+            cebmf.tl.fit(a, target_sum=bad_sum, **FAST)
+    with pytest.raises(ValueError, match=r"obs_covariates must be a column name, .* got 5\."):
+        cebmf.tl.fit(a, obs_covariates=5, **FAST)
+    with pytest.raises(ValueError, match=r"obs_covariates must be .*, got a dict\."):
+        cebmf.tl.fit(a, obs_covariates={"with_nan": 1}, **FAST)
+    with pytest.raises(ValueError, match="obs_covariates has no columns; pass None"):
+        cebmf.tl.fit(a, obs_covariates=np.zeros((a.n_obs, 0)), **FAST)
     neg = counts.copy()
     neg.X = neg.X.astype(np.float64)
     neg.X.data[0] = -1.0
@@ -516,6 +604,13 @@ def test_cli_errors_are_one_line_naming_the_option(tmp_path, capsys):
         main(["fit", str(src), str(tmp_path / "out.h5ad"), "-q", "--prior-loadings", "cash"])
     with pytest.raises(SystemExit, match=r"error: --seed=99999999999999999999999 is outside"):
         main(["fit", str(src), str(tmp_path / "out.h5ad"), "-q", "--seed", "9" * 23])
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_text("not an h5ad file")
+    with pytest.raises(SystemExit) as err:
+        main(["fit", str(garbage), str(tmp_path / "out.h5ad"), "-q"])
+    message = str(err.value)
+    assert message.startswith(f"cebmf fit: error: cannot read {garbage} as an AnnData (.h5ad)")
+    assert "\n" not in message
 
 
 def test_cli_fit_on_the_demo_output(tmp_path):

@@ -64,6 +64,25 @@ def _as_options(message: str) -> str:
     return re.sub(pattern, lambda m: _OPTIONS[m[1] or m[2]], message)
 
 
+def _read(src: Path):
+    """The AnnData (``.h5ad``) or MuData (``.h5mu``) in ``src``; a file that cannot be
+    read is a one-line error."""
+    try:
+        if src.suffix == ".h5mu":
+            import mudata as md
+
+            return md.read_h5mu(src)
+        import anndata as ad
+
+        return ad.read_h5ad(src)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        kind = "MuData (.h5mu)" if src.suffix == ".h5mu" else "AnnData (.h5ad)"
+        raise SystemExit(
+            f"cebmf fit: error: cannot read {src} as an {kind} file "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})."
+        ) from None
+
+
 def _fit(args: argparse.Namespace) -> int:
     from . import tl
 
@@ -79,14 +98,8 @@ def _fit(args: argparse.Namespace) -> int:
         )
     var_covariates = _names(args.var_covariates)
     if src.suffix == ".h5mu":
-        import mudata as md
-
         var_covariates = _by_modality(var_covariates)
-        data = md.read_h5mu(src)
-    else:
-        import anndata as ad
-
-        data = ad.read_h5ad(src)
+    data = _read(src)
     options = {}
     if args.max_iter is not None:
         options["max_iter"] = args.max_iter

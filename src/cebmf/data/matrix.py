@@ -16,7 +16,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .transforms import column_sums_of_squares, row_blocks, row_sums_of_squares
+from .transforms import (
+    canonical_sparse,
+    column_sums_of_squares,
+    row_blocks,
+    row_sums_of_squares,
+)
 
 _F64 = torch.float64
 #: Index arrays (indptr counts stored entries) switch to int64 from this size on.
@@ -167,10 +172,9 @@ class SparseData(DataMatrix):
             raise ValueError(f"backend must be 'auto', 'scipy' or 'torch', got {backend!r}")
         if backend == "scipy" and device.type != "cpu":
             raise ValueError("backend='scipy' needs device='cpu'")
-        csr = sp.csr_matrix(mat)  # shares the arrays of a CSR input
-        if not csr.has_canonical_format:
-            csr = csr.copy()  # sorting / summing duplicates must not touch the caller's
-            csr.sum_duplicates()
+        # shares the arrays of a canonical CSR input; sorting / summing duplicates is done
+        # on a copy, never on the caller's
+        csr = canonical_sparse(sp.csr_matrix(mat))
         # the values are float64 (or float32 upcast in blocks) whatever the compute dtype:
         # the products accumulate in float64 (see DataMatrix)
         if backend == "auto":

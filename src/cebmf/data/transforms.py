@@ -60,6 +60,20 @@ def log1p_normalize(
     return out
 
 
+def canonical_sparse(x):
+    """A CSR or CSC matrix with sorted indices and no duplicate entries: ``x`` itself when it
+    already is one, else a new matrix (CSR for other sparse formats, whose conversion sums
+    duplicates). Entry-wise formulas (log1p, thresholds) need each entry stored once:
+    log1p(a) + log1p(b) is not log1p(a + b). The input is never modified."""
+    if x.format not in ("csr", "csc"):
+        return sp.csr_matrix(x)
+    if x.has_canonical_format:
+        return x
+    out = x.copy()
+    out.sum_duplicates()
+    return out
+
+
 def row_blocks(indptr: np.ndarray, nnz: int) -> list[tuple[int, int]]:
     """Consecutive row ranges ``(start, stop)`` of a CSR holding about ``nnz`` stored
     values each (a row with more is a block of its own)."""

@@ -413,7 +413,7 @@ def _fit_stages(
         # greedy additions until one fails; after a backfit (rounds > 0) the residual has
         # changed, so the failed addition is tried again
         clock = time.perf_counter()
-        added = 0
+        added, k_start = 0, engine.k
         while greedy and n_learned() < cap:
             ok, elbo = _greedy_add(engine, choose_l, choose_f, gen, tol, max_iter, trace, basis)
             bar.update(1)
@@ -442,9 +442,15 @@ def _fit_stages(
             timing["nullcheck_s"] += time.perf_counter() - clock
             if not dropped or not backfit or n_iter >= max_iter:
                 break
-        # retry the greedy addition only if a backfit moved the residual and budget is left
-        if not (greedy and backfit) or engine.k == 0 or n_learned() >= cap or n_iter >= max_iter:
+        # retry the greedy addition only if a backfit moved the residual and budget is left;
+        # with no factor left the residual is Y: retried unless the greedy addition just
+        # failed on Y itself (factors that the rotation, backfit or nullcheck removed, e.g.
+        # a user's init, leave a residual the greedy stage has not seen)
+        failed_on_y = engine.k == 0 and k_start == 0 and not added
+        if not (greedy and backfit) or failed_on_y or n_learned() >= cap or n_iter >= max_iter:
             break
+    if engine.k == 0 and n_iter and stop == "greedy only":
+        converged, stop = True, "no factors left"
     capped = greedy and n_learned() >= cap
     if capped:
         logger.info(

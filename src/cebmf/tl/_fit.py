@@ -22,6 +22,7 @@ from ._inputs import (
     apply_transform,
     resolve_covariates,
     resolve_mask,
+    resolve_target_sum,
     select_matrix,
 )
 from ._results import (
@@ -89,6 +90,7 @@ def _prepare_matrix(
         if sp.issparse(x)
         else np.nansum(np.asarray(x, dtype=np.float64), 1)
     )
+    target_sum = resolve_target_sum(target_sum, totals, f"{prefix}target_sum")
     sub = x if mask.all() else x[:, np.flatnonzero(mask)]
     y, resolved = apply_transform(
         sub,
@@ -132,7 +134,7 @@ def _prepare_matrix(
         row_sq = row_sums_of_squares(y)
     else:
         row_sq = np.nansum(np.asarray(y, dtype=np.float64) ** 2, 1)
-    return PreparedMatrix(y, rows, resolved, row_sq > 0, mask_record, x)
+    return PreparedMatrix(y, rows, resolved, row_sq > 0, mask_record, x, target_sum)
 
 
 @dataclass
@@ -147,6 +149,7 @@ class PreparedMatrix:
     cell_signal: np.ndarray
     mask_record: str | None
     source: Any
+    target_sum: float  # the library size after normalisation (resolved from None)
 
 
 def _fitted_cells(signal: np.ndarray, obs_names) -> np.ndarray:
@@ -167,6 +170,40 @@ def _fitted_cells(signal: np.ndarray, obs_names) -> np.ndarray:
 
 def _take_rows(y, cells: np.ndarray, n: int):
     return y if cells.size == n else y[cells]
+
+
+def _fitted_rows(value, keep: np.ndarray, n: int, name: str, what: str):
+    """``value`` (one row per cell / gene of the AnnData, ``n`` rows) restricted to the
+    fitted ones ``keep``; a value that already has one row per fitted cell / gene is
+    passed as it is."""
+    arr = np.asarray(value)
+    rows = arr.shape[0] if arr.ndim else -1
+    if rows == keep.size:
+        return value
+    if rows != n:
+        raise ValueError(
+            f"{name} has {rows if rows >= 0 else 'no'} rows; give one per {what} of adata "
+            f"({n}; the {n - keep.size} left out of the fit are dropped from it)."
+        )
+    return arr[keep]
+
+
+def _engine_arrays_in_fitted_rows(options, cells, n_obs, genes, n_vars) -> dict[str, Any]:
+    """``init`` and ``fixed_factors`` of ``**engine_options`` given in the AnnData's cells
+    and genes, restricted to those the fit uses (cells and genes without signal, and
+    genes outside ``mask_var``, are left out)."""
+    out = dict(options)
+    init = options.get("init")
+    if isinstance(init, tuple | list) and len(init) == 2:
+        out["init"] = (
+            _fitted_rows(init[0], cells, n_obs, "init[0] (L0)", "cell"),
+            _fitted_rows(init[1], genes, n_vars, "init[1] (F0)", "gene"),
+        )
+    if options.get("fixed_factors") is not None:
+        out["fixed_factors"] = _fitted_rows(
+            options["fixed_factors"], genes, n_vars, "fixed_factors", "gene"
+        )
+    return out
 
 
 # fit_ebmf arguments that tl.fit sets itself, and the tl.fit argument that sets each
@@ -239,7 +276,7 @@ def fit(
     prior_factors: Any = None,
     noise: str = "column",
     transform: str | dict | None = "auto",
-    target_sum: float = DEFAULT_TARGET_SUM,
+    target_sum: float | None = DEFAULT_TARGET_SUM,
     size_factors: Any = None,
     mask_var: Any = HIGHLY_VARIABLE,
     intercept: bool = False,
@@ -289,7 +326,9 @@ def fit(
         (ATAC peaks), or None. Negative values with a count transform, and negative
         integers with ``"auto"``, are an error.
     target_sum
-        Library size after normalisation (10^4, as scanpy's CP10k).
+        Library size after normalisation (10^4, as scanpy's CP10k); None: the median
+        library size of the cells with any counts, as scanpy's ``normalize_total``
+        (``params["target_sum"]`` records the value used; MuData: one per modality).
     size_factors
         An ``obs`` column or array of per-cell size factors replacing library sizes (only
         with ``"log1p_normalize"``; an error with any other transform).
@@ -310,7 +349,9 @@ def fit(
         Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``; an
         option that ``tl.fit`` sets itself, such as ``max_factors``, is refused with the
         name of the ``tl.fit`` argument to use); ``params["random_state"]`` records the
-        integer seed used (drawn when None or a numpy generator is given).
+        integer seed used (drawn when None or a numpy generator is given). For an AnnData,
+        ``init`` and ``fixed_factors`` have one row per cell / gene of ``adata`` (those of
+        the cells and genes left out of the fit are dropped).
     copy
         Return a modified copy instead of writing into ``data``.
 
@@ -400,12 +441,17 @@ def fit(
         random_state=random_state,
         progress=progress,
         fixed_loadings=np.ones(cells.size) if intercept else None,
-        **_engine_options(y, y is not prep.source, device, engine_options),
+        **_engine_options(
+            y,
+            y is not prep.source,
+            device,
+            _engine_arrays_in_fitted_rows(engine_options, cells, adata.n_obs, rows, adata.n_vars),
+        ),
     )
     params = {
         "layer": layer,
         "transform": prep.transform,
-        "target_sum": float(target_sum),
+        "target_sum": prep.target_sum,
         "size_factors": _size_factors_record(size_factors),
         "obs_covariates": l_names,
         "var_covariates": f_names,
@@ -633,7 +679,11 @@ def _fit_mudata(
         "mods": mods,
         "layer": h5_safe(layer),
         "transform": resolved,
-        "target_sum": float(target_sum),
+        "target_sum": (
+            float(target_sum)
+            if target_sum is not None
+            else {m: p.target_sum for m, p in preps.items()}
+        ),
         "obs_covariates": l_names,
         "var_covariates": f_names,
         "n_factors": int(n_factors),

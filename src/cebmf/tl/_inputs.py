@@ -4,6 +4,7 @@ the covariates. Nothing here modifies the user's object."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.convert import check_values
-from ..data.transforms import log1p_normalize
+from ..data.transforms import canonical_sparse, log1p_normalize
 
 logger = logging.getLogger("cebmf")
 
@@ -20,19 +21,26 @@ DEFAULT_TARGET_SUM = 1e4
 
 
 def select_matrix(adata, layer: str | None, argname: str = "layer"):
-    """``adata.X`` or ``adata.layers[layer]`` (never copied)."""
+    """``adata.X`` or ``adata.layers[layer]``: not copied, except a sparse matrix that
+    stores an entry more than once (or in unsorted order), or in a format other than CSR /
+    CSC, which is given as a canonical copy (the transforms work entry by entry)."""
     if layer is None:
         x = adata.X
         if x is None:
             raise ValueError("adata.X is empty; pass layer= to use a layer.")
         check_values(x, "adata.X")
-        return x
+        return canonical_sparse(x) if sp.issparse(x) else x
+    if not isinstance(layer, str):
+        raise ValueError(
+            f"{argname} must be the name of a layer of adata (a str) or None for adata.X, "
+            f"got {layer!r}."
+        )
     if layer not in adata.layers:
         known = ", ".join(map(repr, adata.layers)) or "none"
         raise ValueError(f"{argname}={layer!r} is not a layer of adata (layers: {known}).")
     x = adata.layers[layer]
     check_values(x, f"adata.layers[{layer!r}]")
-    return x
+    return canonical_sparse(x) if sp.issparse(x) else x
 
 
 def _values(x) -> np.ndarray:
@@ -78,6 +86,24 @@ def resolve_auto(x, argname: str = "transform") -> str | None:
             n_missing,
         )
     return "log1p_normalize"
+
+
+def resolve_target_sum(target_sum, totals: np.ndarray, argname: str = "target_sum") -> float:
+    """The library size after normalisation: ``target_sum`` itself (a positive finite
+    number), or with None the median library size of the cells that have any counts
+    (scanpy's ``normalize_total(target_sum=None)``)."""
+    if target_sum is None:
+        positive = totals[totals > 0]
+        return float(np.median(positive)) if positive.size else 1.0
+    ok = isinstance(target_sum, int | float | np.integer | np.floating) and not isinstance(
+        target_sum, bool
+    )
+    if not ok or not (np.isfinite(target_sum) and target_sum > 0):
+        raise ValueError(
+            f"{argname} must be a positive finite number (10^4 gives counts per 10k), or "
+            f"None for the median library size; got {target_sum!r}."
+        )
+    return float(target_sum)
 
 
 def apply_transform(
@@ -300,6 +326,17 @@ def resolve_covariates(
     (len(rows), d) float64 or None, column labels)``."""
     if spec is None:
         return None, []
+    block, labels = _covariate_block(spec, frame, multi, n, argname, where, rows)
+    if block.shape[1] == 0:
+        raise ValueError(
+            f"{argname} has no columns; pass None for no covariates (a prior without "
+            "covariates), or give at least one covariate."
+        )
+    return block, labels
+
+
+def _covariate_block(spec, frame, multi, n, argname, where, rows):
+    """The body of :func:`resolve_covariates` for a spec that is not None."""
     sel = slice(None) if rows is None else rows
     if isinstance(spec, pd.Series):
         spec = spec.to_frame(name=argname if spec.name is None else spec.name)
@@ -316,7 +353,23 @@ def resolve_covariates(
         arr = arr[sel]
         _check_finite(arr, argname)
         return arr, [f"{argname}[{j}]" for j in range(arr.shape[1])]
-    names = [spec] if isinstance(spec, str) else list(spec)
+    kinds = "a column name, a list of names, an obsm / varm key, a DataFrame or an array"
+    if isinstance(spec, Mapping):
+        raise ValueError(
+            f"{argname} must be {kinds}, got a dict"
+            + (
+                " (a dict by modality is for var_covariates of a MuData)."
+                if where == "genes"
+                else "."
+            )
+        )
+    if isinstance(spec, str):
+        names = [spec]
+    else:
+        try:
+            names = list(spec)
+        except TypeError:
+            raise ValueError(f"{argname} must be {kinds}, got {spec!r}.") from None
     if not names:
         raise ValueError(f"{argname} is an empty list; pass None for no covariates.")
     sub = frame.iloc[sel]
@@ -324,8 +377,7 @@ def resolve_covariates(
     for name in names:
         if not isinstance(name, str):
             raise TypeError(
-                f"{argname} must be a column name, a list of names, a DataFrame or an array; "
-                f"got an entry of type {type(name).__name__}."
+                f"{argname} must be {kinds}; got an entry of type {type(name).__name__}."
             )
         if name in frame.columns:
             block, lab = _frame_column(sub, name, argname)

@@ -99,3 +99,19 @@ def check_key_free(data, key: str) -> None:
                 f"key_added={key!r} would overwrite {', '.join(clash)} of the fit stored "
                 f"under uns[{other!r}]; choose another key_added."
             )
+    # entries another tool wrote (e.g. key_added="umap" next to scanpy's obsm["X_umap"]
+    # and uns["umap"]): a fit of this package under ``key`` may be replaced, nothing else
+    record = data.uns.get(key)
+    ours = isinstance(record, Mapping) and "factor_names" in record
+    if ours:
+        return
+    varms = [("varm", data.varm)]
+    varms += [(f"mod[{m!r}].varm", mod.varm) for m, mod in getattr(data, "mod", {}).items()]
+    taken = [f"uns[{key!r}]"] if record is not None else []
+    taken += [f"obsm[{name!r}]" for name in obsm if name in data.obsm]
+    taken += [f"{where}[{name!r}]" for where, slot in varms for name in varm if name in slot]
+    if taken:
+        raise ValueError(
+            f"key_added={key!r} would overwrite {', '.join(taken)}, which this package did "
+            "not write (another tool's results); choose another key_added."
+        )
