@@ -36,15 +36,25 @@ logger = logging.getLogger("cebmf")
 
 
 class CovariateNet(nn.Module):
-    """MLP: d covariates -> ``hidden`` tanh layers -> ``out`` outputs (linear if none)."""
+    """MLP: d covariates -> ``hidden`` tanh layers -> ``out`` outputs (linear if none),
+    with parameters of type ``dtype`` on ``device`` (default: float32, CPU)."""
 
     def __init__(
-        self, d: int, hidden: tuple[int, ...], out: int, generator: torch.Generator | None = None
+        self,
+        d: int,
+        hidden: tuple[int, ...],
+        out: int,
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         sizes = [d, *hidden]
-        self.hidden = nn.ModuleList(_linear(a, b, generator) for a, b in itertools.pairwise(sizes))
-        self.out = _linear(sizes[-1], out, generator)
+        self.hidden = nn.ModuleList(
+            _linear(a, b, generator, dtype, device) for a, b in itertools.pairwise(sizes)
+        )
+        self.out = _linear(sizes[-1], out, generator, dtype, device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for layer in self.hidden:
@@ -52,20 +62,26 @@ class CovariateNet(nn.Module):
         return self.out(z)
 
 
-def _linear(d_in: int, d_out: int, generator: torch.Generator | None) -> nn.Linear:
+def _linear(
+    d_in: int, d_out: int, generator: torch.Generator | None, dtype=None, device=None
+) -> nn.Linear:
     """``nn.Linear`` with PyTorch's default initialisation, weights and bias drawn from
-    U(-1/sqrt(d_in), 1/sqrt(d_in)) (zeros when d_in = 0), taken from ``generator`` so that
-    the global random state is left alone; None leaves the values uninitialised (for a
-    network about to be loaded)."""
+    U(-1/sqrt(d_in), 1/sqrt(d_in)) (zeros when d_in = 0) in float32 on the CPU, taken from
+    ``generator`` so that the global random state is left alone, then converted to
+    ``dtype`` on ``device``; None leaves the values uninitialised (for a network about to
+    be loaded). Built from its tensors: a covariate prior builds one network per call, and
+    ``nn.Linear``'s own initialisation (or ``skip_init``) costs ten times as much."""
     with warnings.catch_warnings():
         # d_in = 0 (no covariate left): a bias-only model with zero-input layers
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-        layer = nn.utils.skip_init(nn.Linear, d_in, d_out)
+        layer = nn.Linear(d_in, d_out, device="meta")  # no memory, no values
+    weight, bias = torch.empty(d_out, d_in), torch.empty(d_out)
     if generator is not None:
         bound = 1.0 / math.sqrt(d_in) if d_in > 0 else 0.0
-        with torch.no_grad():
-            for p in (layer.weight, layer.bias):
-                p.uniform_(-bound, bound, generator=generator)
+        weight.uniform_(-bound, bound, generator=generator)
+        bias.uniform_(-bound, bound, generator=generator)
+    layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype))
+    layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype))
     return layer
 
 
@@ -73,9 +89,11 @@ def _copy_network(net: CovariateNet, dtype: torch.dtype) -> CovariateNet:
     """A copy of ``net`` with parameters of type ``dtype``, on the same device."""
     first = net.hidden[0] if len(net.hidden) else net.out
     widths = tuple(layer.out_features for layer in net.hidden)
-    copy = CovariateNet(first.in_features, widths, net.out.out_features)
+    copy = CovariateNet(
+        first.in_features, widths, net.out.out_features, dtype=dtype, device=first.weight.device
+    )
     copy.load_state_dict({k: v.to(dtype) for k, v in net.state_dict().items()})
-    return copy.to(first.weight.device)
+    return copy
 
 
 def standardize(cov: torch.Tensor, stats: dict | None = None):
@@ -286,8 +304,8 @@ class CovariatePrior(Prior):
     # ---- fitting --------------------------------------------------------------------
     def _build(self, d: int, k: int, dtype, device) -> CovariateNet:
         """A fresh network, initialised from ``seed`` (the global random state untouched)."""
-        net = CovariateNet(d, self.hidden, k, torch.Generator().manual_seed(self.seed))
-        return net.to(device=device, dtype=dtype)
+        gen = torch.Generator().manual_seed(self.seed)
+        return CovariateNet(d, self.hidden, k, gen, dtype=dtype, device=device)
 
     def _fit(self, x, s, *, covariates, state, g_init, fix_g) -> EBNMResult:
         cov = covariates
