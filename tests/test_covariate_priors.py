@@ -658,3 +658,44 @@ def test_emdn_reaches_its_own_plain_optimum_on_wide_data(family):
     res = cebmf.ebnm(x, s, family, covariates=cov)
     best = _plain_normal_mixture_optimum(x, s, 5, int(family == "spiked_emdn"))
     assert res.loglik >= best - 1e-6 * n
+
+
+@pytest.mark.parametrize("family", COVARIATE_FAMILIES)
+def test_warm_training_stops_when_the_loglik_stops_rising(family, monkeypatch):
+    """L-BFGS follows the penalised loss, but only the point of highest log-likelihood is
+    kept: a warm-started call's training ends once _PATIENCE evaluations in a row found
+    none higher (counted by wrapping the training loss). A cold fit searches on (its dips
+    can end higher), and a warm call still never loses log-likelihood."""
+    from cebmf.priors import _covariates
+
+    cov, _, x = simulate(n=3000, seed=21)
+    xt, s, ct = torch.tensor(x), torch.ones(1, dtype=torch.float64), torch.tensor(cov)
+    values = []
+    real = _covariates.logsumexp_rows
+
+    def counted(a):
+        out = real(a)
+        if a.requires_grad:  # the training closure (not the exact evaluations)
+            values.append(float(out.detach().sum(dtype=torch.float64)))
+        return out
+
+    monkeypatch.setattr(_covariates, "logsumexp_rows", counted)
+    prior = get_prior(family)
+    cold = prior.fit(xt, s, ct)
+    n_cold = len(values)
+    monkeypatch.setattr(_covariates, "_PATIENCE", 10**9)
+    values.clear()
+    assert prior.fit(xt, s, ct).loglik == cold.loglik  # patience leaves cold fits alone
+    assert len(values) == n_cold
+    monkeypatch.setattr(_covariates, "_PATIENCE", 4)
+    rng = np.random.default_rng(3)
+    moved = xt + torch.tensor(0.3 * rng.normal(size=x.size))  # the next sweep's data
+    values.clear()
+    warm = prior.fit(moved, s, ct, state=cold.state)
+    trace = np.array(values)
+    best_at = int(np.argmax(trace))
+    assert len(trace) - 1 - best_at <= 4  # at most 4 evaluations after the best one
+    if len(trace) < 2 * prior.warm_iter:  # stopped before L-BFGS's own budget
+        assert len(trace) - 1 - best_at == 4
+    saved = prior.fit(moved, s, ct, g_init=cold.g, fix_g=True)  # the start, not refitted
+    assert warm.loglik >= saved.loglik - 1e-9 * abs(saved.loglik)

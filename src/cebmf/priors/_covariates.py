@@ -353,15 +353,17 @@ class CovariatePrior(Prior):
                 k: torch.as_tensor(v, dtype=x.dtype, device=x.device).clone()
                 for k, v in warm.get("extra", {}).items()
             }
-            n_iter = self.warm_iter
+            n_iter, patience = self.warm_iter, _PATIENCE
             if g_init is None and not fix_g:
                 setup = self._widen_setup(setup, net, z, xs, s)
-                net, extra, n_iter = self._best_start(net, extra, z, xs, s, setup)
+                net, extra, fresh = self._best_start(net, extra, z, xs, s, setup)
+                if fresh:  # the plain prior won: a cold fit
+                    n_iter, patience = self.max_iter, None
         else:
             net, extra = self._plain_network(net, xs, s, setup)
-            n_iter = self.max_iter
+            n_iter, patience = self.max_iter, None
         if not fix_g:
-            self._train(net, extra, z, xs, s, setup, n_iter)
+            self._train(net, extra, z, xs, s, setup, n_iter, patience)
         with torch.no_grad():
             out = net(z)
             log_w = self._log_weights(out, extra, xs, s, setup).T
@@ -419,8 +421,8 @@ class CovariatePrior(Prior):
         log-likelihood here. The saved network is always a candidate, so the chosen start
         never loses likelihood; the others keep the covariate prior from falling behind
         the plain prior when the data moved (e.g. standard errors shrank below the saved
-        grid). Returns ``(net, extra, n_iter)``: a plain start gets a cold fit's
-        iterations. The outputs of the three candidates differ only in the output biases,
+        grid). Returns ``(net, extra, fresh)``: a plain start (``fresh``) gets a cold
+        fit's iterations. The outputs of the three candidates differ only in the output biases,
         so one forward pass serves all of them."""
         bias, start = self._plain_start(x, s, setup)
         plain_extra = self._extra_init(setup, start)
@@ -441,7 +443,7 @@ class CovariatePrior(Prior):
             ("saved", "re-centred", "plain")[best],
             [round(v, 3) for v in lls],
         )
-        return net, cands[best][1], self.max_iter if best == 2 else self.warm_iter
+        return net, cands[best][1], best == 2
 
     def network_outputs(self, g: dict, covariates) -> torch.Tensor:
         """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""
@@ -470,11 +472,12 @@ class CovariatePrior(Prior):
         with torch.no_grad():
             return self._loglik_of(net(z), extra, x, s, setup)
 
-    def _train(self, net, extra, z, x, s, setup, n_iter: int) -> None:
+    def _train(self, net, extra, z, x, s, setup, n_iter: int, patience: int | None = None) -> None:
         """Full-batch L-BFGS on -loglik/n + penalty, in float32 (a copy of the problem when
         the data are float64); every evaluated point is a candidate and the best is kept.
         The result replaces the start only if its exact (float64) log-likelihood is not
-        lower, so a warm start is never made worse."""
+        lower, so a warm start is never made worse. With ``patience``, training ends once
+        that many evaluations in a row found no higher log-likelihood (warm starts)."""
         start_ll = self._exact_loglik(net, extra, z, x, s, setup)
         start = _snapshot(net, extra)
         work_net, work_extra = net, extra
@@ -492,15 +495,20 @@ class CovariatePrior(Prior):
             p.requires_grad_(True)
         weights = [m.weight for m in [*work_net.hidden, work_net.out]]
         n = x.numel()
-        best = {"loglik": -math.inf, "state": None}
+        best = {"loglik": -math.inf, "state": None, "misses": 0}
 
         def closure():
+            if patience is not None and best["misses"] >= patience:
+                raise _NoProgress
             opt.zero_grad()
             log_w = self._log_weights(work_net(wz), work_extra, wx, ws, wsetup)
             loglik = logsumexp_rows(log_w).sum(dtype=torch.float64)
             value = float(loglik.detach())
             if math.isfinite(value) and value > best["loglik"]:
                 best["loglik"], best["state"] = value, _snapshot(work_net, work_extra)
+                best["misses"] = 0
+            else:
+                best["misses"] += 1
             loss = -loglik / n
             if self.weight_decay:
                 loss = loss + self.weight_decay * sum((w * w).sum() for w in weights)
@@ -519,6 +527,8 @@ class CovariatePrior(Prior):
         )
         try:
             opt.step(closure)
+        except _NoProgress:
+            pass
         except RuntimeError as err:
             # the strong-Wolfe search can grow its step past what float32 parameters take
             # (a direction along which the loss keeps falling, e.g. a truncated slab's mean
@@ -533,6 +543,19 @@ class CovariatePrior(Prior):
         _restore(net, extra, best["state"])
         if not self._exact_loglik(net, extra, z, x, s, setup) >= start_ll:
             _restore(net, extra, start)
+
+
+#: A warm-started call's training stops once this many evaluations in a row found no
+#: higher log-likelihood than the best so far (early stopping on the marginal likelihood:
+#: the penalised loss that L-BFGS follows leads away from it in most warm calls, and only
+#: the best point is kept). In `cebmf demo` 448 of 2,045 warm calls found a higher point
+#: (891 nats in all) in 60 of the fit's 128 s. Cold fits search on: their dips can end in
+#: higher points (emdn, n = 3000: 14 nats)
+_PATIENCE = 4
+
+
+class _NoProgress(Exception):
+    """Raised by the training closure to end L-BFGS early."""
 
 
 #: A warm start is re-expressed in the units of its data when they differ from the saved
