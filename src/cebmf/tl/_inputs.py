@@ -25,21 +25,20 @@ def select_matrix(adata, layer: str | None, argname: str = "layer"):
     stores an entry more than once (or in unsorted order), or in a format other than CSR /
     CSC, which is given as a canonical copy (the transforms work entry by entry)."""
     if layer is None:
-        x = adata.X
+        x, name = adata.X, "adata.X"
         if x is None:
             raise ValueError("adata.X is empty; pass layer= to use a layer.")
-        check_values(x, "adata.X")
-        return canonical_sparse(x) if sp.issparse(x) else x
-    if not isinstance(layer, str):
-        raise ValueError(
-            f"{argname} must be the name of a layer of adata (a str) or None for adata.X, "
-            f"got {layer!r}."
-        )
-    if layer not in adata.layers:
-        known = ", ".join(map(repr, adata.layers)) or "none"
-        raise ValueError(f"{argname}={layer!r} is not a layer of adata (layers: {known}).")
-    x = adata.layers[layer]
-    check_values(x, f"adata.layers[{layer!r}]")
+    else:
+        if not isinstance(layer, str):
+            raise ValueError(
+                f"{argname} must be the name of a layer of adata (a str) or None for adata.X, "
+                f"got {layer!r}."
+            )
+        if layer not in adata.layers:
+            known = ", ".join(map(repr, adata.layers)) or "none"
+            raise ValueError(f"{argname}={layer!r} is not a layer of adata (layers: {known}).")
+        x, name = adata.layers[layer], f"adata.layers[{layer!r}]"
+    check_values(x, name)
     return canonical_sparse(x) if sp.issparse(x) else x
 
 

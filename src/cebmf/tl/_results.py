@@ -84,13 +84,18 @@ def output_names(key: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
     return obsm, varm
 
 
+def _is_fit_record(record) -> bool:
+    """True for an ``uns`` entry written by :func:`cebmf.tl.fit`."""
+    return isinstance(record, Mapping) and "factor_names" in record
+
+
 def check_key_free(data, key: str) -> None:
     """Refuse a ``key_added`` whose outputs would overwrite those of another fit recorded
     in ``data.uns`` (e.g. ``key_added="cebmf_sd"`` next to a fit under ``"cebmf"``, whose
     loadings' sds are ``obsm["X_cebmf_sd"]``). Refitting under the same key is allowed."""
     obsm, varm = output_names(key)
     for other, record in data.uns.items():
-        if other == key or not isinstance(record, Mapping) or "factor_names" not in record:
+        if other == key or not _is_fit_record(record):
             continue
         other_obsm, other_varm = output_names(other)
         clash = sorted(set(obsm) & set(other_obsm) | set(varm) & set(other_varm))
@@ -102,8 +107,7 @@ def check_key_free(data, key: str) -> None:
     # entries another tool wrote (e.g. key_added="umap" next to scanpy's obsm["X_umap"]
     # and uns["umap"]): a fit of this package under ``key`` may be replaced, nothing else
     record = data.uns.get(key)
-    ours = isinstance(record, Mapping) and "factor_names" in record
-    if ours:
+    if _is_fit_record(record):
         return
     varms = [("varm", data.varm)]
     varms += [(f"mod[{m!r}].varm", mod.varm) for m, mod in getattr(data, "mod", {}).items()]
