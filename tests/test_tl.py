@@ -324,6 +324,81 @@ def test_mudata_joint_fit_and_h5mu_round_trip(counts, tmp_path):
         cebmf.tl.fit(mixed, **FAST)
 
 
+def test_mudata_init_and_fixed_factors_per_cell_and_feature(counts):
+    """A MuData's init / fixed_factors are given per cell and per feature (a dict by
+    modality, or the modalities' features stacked); left-out rows are dropped, so the fit
+    equals one given the fitted rows directly."""
+    import mudata as md
+
+    rng = np.random.default_rng(1)
+    rna = counts.copy()
+    x = rna.X.toarray()
+    x[:, [0, 5]] = 0  # two genes without signal: left out of the fit
+    x[4] = 0  # a cell without rna counts: kept, it has atac counts
+    rna.X = sp.csr_matrix(x)
+    atac_x = rng.poisson(0.3, (counts.n_obs, 60)).astype(np.float64)
+    atac_x[:, 2] = 0
+    atac = ad.AnnData(sp.csr_matrix(atac_x), obs=pd.DataFrame(index=counts.obs_names))
+    p_rna, p_atac = rna.n_vars, atac.n_vars
+    keep_rna = np.setdiff1d(np.arange(p_rna), [0, 5])
+    keep_atac = np.setdiff1d(np.arange(p_atac), [2])
+    l0 = rng.normal(size=(counts.n_obs, 1))
+    f_rna, f_atac = rng.normal(size=(p_rna, 1)), rng.normal(size=(p_atac, 1))
+    fixed = {"rna": np.abs(rng.normal(size=p_rna)), "atac": np.abs(rng.normal(size=p_atac))}
+    given = {
+        "dict": ({"rna": f_rna, "atac": f_atac}, fixed),
+        "stacked": (np.vstack([f_rna, f_atac]), np.concatenate([fixed["rna"], fixed["atac"]])),
+        "fitted rows": (
+            np.vstack([f_rna[keep_rna], f_atac[keep_atac]]),
+            np.concatenate([fixed["rna"][keep_rna], fixed["atac"][keep_atac]]),
+        ),
+    }
+    fits = {}
+    for name, (f0, ff) in given.items():
+        mdata = md.MuData({"rna": rna.copy(), "atac": atac.copy()})
+        cebmf.tl.fit(mdata, init=(l0, f0), fixed_factors=ff, **FAST)
+        fits[name] = mdata
+    ref = fits["fitted rows"]
+    assert ref.obsm["X_cebmf"].shape[1] >= 2  # the fixed factor and the init
+    for name in ("dict", "stacked"):
+        np.testing.assert_array_equal(fits[name].obsm["X_cebmf"], ref.obsm["X_cebmf"])
+        for m in ("rna", "atac"):
+            np.testing.assert_array_equal(
+                fits[name][m].varm["cebmf_factors"], ref[m].varm["cebmf_factors"]
+            )
+    # the fixed factor is the user's, in the features' own rows; left-out ones are zero
+    np.testing.assert_allclose(
+        ref["atac"].varm["cebmf_factors"][keep_atac, 0], fixed["atac"][keep_atac]
+    )
+    np.testing.assert_array_equal(ref["rna"].varm["cebmf_factors"][[0, 5]], 0.0)
+    mdata = md.MuData({"rna": rna.copy(), "atac": atac.copy()})
+    with pytest.raises(
+        ValueError,
+        match=r"init\[1\] \(F0\)\['atac'\] has 10 rows; give one "
+        r"per feature of modality 'atac'",
+    ):
+        cebmf.tl.fit(mdata, init=(l0, {"rna": f_rna, "atac": f_atac[:10]}), **FAST)
+    with pytest.raises(
+        ValueError,
+        match=r"fixed_factors: a dict needs one entry per fitted "
+        r"modality \(rna, atac\)",
+    ):
+        cebmf.tl.fit(mdata, fixed_factors={"rna": fixed["rna"]}, **FAST)
+    with pytest.raises(
+        ValueError,
+        match=r"fixed_factors has 7 rows; give one per feature of "
+        r"the fitted modalities",
+    ):
+        cebmf.tl.fit(mdata, fixed_factors=np.ones(7), **FAST)
+    with pytest.raises(
+        ValueError,
+        match=r"init\[0\] \(L0\) has 9 rows; give one per cell of "
+        r"the MuData",
+    ):
+        cebmf.tl.fit(mdata, init=(l0[:9], f_rna), **FAST)
+    assert "cebmf" not in mdata.uns
+
+
 def test_mudata_joint_fit_with_feature_covariates_per_modality(counts, tmp_path):
     """var_covariates of a MuData is a dict by modality: the rna factors get a cash prior
     on the rna genes' own covariate, atac keeps its plain prior; each block's prior is the

@@ -173,7 +173,7 @@ def _take_rows(y, cells: np.ndarray, n: int):
 
 
 def _fitted_rows(value, keep: np.ndarray, n: int, name: str, what: str):
-    """``value`` (one row per cell / gene of the AnnData, ``n`` rows) restricted to the
+    """``value`` (one row per cell / gene of the object, ``n`` rows) restricted to the
     fitted ones ``keep``; a value that already has one row per fitted cell / gene is
     passed as it is."""
     arr = np.asarray(value)
@@ -182,28 +182,69 @@ def _fitted_rows(value, keep: np.ndarray, n: int, name: str, what: str):
         return value
     if rows != n:
         raise ValueError(
-            f"{name} has {rows if rows >= 0 else 'no'} rows; give one per {what} of adata "
+            f"{name} has {rows if rows >= 0 else 'no'} rows; give one per {what} "
             f"({n}; the {n - keep.size} left out of the fit are dropped from it)."
         )
     return arr[keep]
 
 
-def _engine_arrays_in_fitted_rows(options, cells, n_obs, genes, n_vars) -> dict[str, Any]:
-    """``init`` and ``fixed_factors`` of ``**engine_options`` given in the AnnData's cells
+def _engine_arrays_in_fitted_rows(options, cells, n_obs, gene_rows, obj: str) -> dict[str, Any]:
+    """``init`` and ``fixed_factors`` of ``**engine_options`` given in the object's cells
     and genes, restricted to those the fit uses (cells and genes without signal, and
-    genes outside ``mask_var``, are left out)."""
+    genes outside ``mask_var``, are left out). ``gene_rows(value, name)`` does the genes."""
     out = dict(options)
     init = options.get("init")
     if isinstance(init, tuple | list) and len(init) == 2:
         out["init"] = (
-            _fitted_rows(init[0], cells, n_obs, "init[0] (L0)", "cell"),
-            _fitted_rows(init[1], genes, n_vars, "init[1] (F0)", "gene"),
+            _fitted_rows(init[0], cells, n_obs, "init[0] (L0)", f"cell of {obj}"),
+            gene_rows(init[1], "init[1] (F0)"),
         )
     if options.get("fixed_factors") is not None:
-        out["fixed_factors"] = _fitted_rows(
-            options["fixed_factors"], genes, n_vars, "fixed_factors", "gene"
-        )
+        out["fixed_factors"] = gene_rows(options["fixed_factors"], "fixed_factors")
     return out
+
+
+def _mudata_feature_rows(mdata, mods: list[str], rows: dict[str, np.ndarray]):
+    """``gene_rows`` of a joint MuData fit: a value is a dict {modality: one row per
+    feature of it}, or one array whose rows are the features of the fitted modalities in
+    ``mods`` order (all of them, or only the fitted ones)."""
+    sizes = [mdata.mod[m].n_vars for m in mods]
+    offsets = np.cumsum([0, *sizes[:-1]])
+    keep = np.concatenate([rows[m] + off for m, off in zip(mods, offsets, strict=True)])
+
+    def gene_rows(value, name: str):
+        if not isinstance(value, dict):
+            return _fitted_rows(value, keep, sum(sizes), name, "feature of the fitted modalities")
+        if set(value) != set(mods):
+            raise ValueError(
+                f"{name}: a dict needs one entry per fitted modality ({', '.join(mods)}), "
+                f"got {', '.join(map(str, value))}."
+            )
+        parts = [
+            np.asarray(
+                _fitted_rows(
+                    value[m],
+                    rows[m],
+                    mdata.mod[m].n_vars,
+                    f"{name}[{m!r}]",
+                    f"feature of modality {m!r}",
+                )
+            )
+            for m in mods
+        ]
+        ndims = {part.ndim for part in parts}
+        if ndims == {1}:
+            return np.concatenate(parts)
+        parts = [part[:, None] if part.ndim == 1 else part for part in parts]
+        widths = {part.shape[1] for part in parts}
+        if len(widths) != 1:
+            raise ValueError(
+                f"{name}: the modalities' arrays have different numbers of columns "
+                f"({sorted(widths)}); give each the same factors."
+            )
+        return np.vstack(parts)
+
+    return gene_rows
 
 
 # fit_ebmf arguments that tl.fit sets itself, and the tl.fit argument that sets each
@@ -349,9 +390,11 @@ def fit(
         Passed to :func:`cebmf.fit_ebmf` (e.g. ``tol``, ``max_iter``, ``dtype``; an
         option that ``tl.fit`` sets itself, such as ``max_factors``, is refused with the
         name of the ``tl.fit`` argument to use); ``params["random_state"]`` records the
-        integer seed used (drawn when None or a numpy generator is given). For an AnnData,
-        ``init`` and ``fixed_factors`` have one row per cell / gene of ``adata`` (those of
-        the cells and genes left out of the fit are dropped).
+        integer seed used (drawn when None or a numpy generator is given). ``init`` and
+        ``fixed_factors`` have one row per cell / gene of the object (those of the cells
+        and genes left out of the fit are dropped); for a MuData, ``F0`` and
+        ``fixed_factors`` are a dict {modality: one row per feature} or the modalities'
+        features stacked in ``mods`` order.
     copy
         Return a modified copy instead of writing into ``data``.
 
@@ -445,7 +488,13 @@ def fit(
             y,
             y is not prep.source,
             device,
-            _engine_arrays_in_fitted_rows(engine_options, cells, adata.n_obs, rows, adata.n_vars),
+            _engine_arrays_in_fitted_rows(
+                engine_options,
+                cells,
+                adata.n_obs,
+                lambda value, name: _fitted_rows(value, rows, adata.n_vars, name, "gene of adata"),
+                "adata",
+            ),
         ),
     )
     params = {
@@ -661,7 +710,18 @@ def _fit_mudata(
         random_state=random_state,
         progress=progress,
         fixed_loadings=np.ones(cells.size) if intercept else None,
-        **_engine_options(y, True, device, engine_options),
+        **_engine_options(
+            y,
+            True,
+            device,
+            _engine_arrays_in_fitted_rows(
+                engine_options,
+                cells,
+                out.n_obs,
+                _mudata_feature_rows(out, mods, rows),
+                "the MuData",
+            ),
+        ),
     )
     _write_obsm(out.obsm, res, cells, out.n_obs, key_added)
     var_mask, noise_sd = {}, {}
