@@ -34,11 +34,12 @@ _F64 = torch.float64
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def lfsr_at_end(prior: Prior) -> bool:
+def lfsr_at_end(prior: Prior, self_covariates: bool = False) -> bool:
     """Whether a side with this prior skips the lfsr in its updates and gets it once at the
-    end of the fit (:meth:`Engine.final_lfsr`, by ``fix_g``): every plain prior. A
-    covariate-moderated one computes it at every update."""
-    return not prior.uses_covariates
+    end of the fit (:meth:`Engine.final_lfsr`, by ``fix_g`` under the last update's prior
+    and covariates): every prior, except a covariate-moderated one under
+    ``self_covariates``, whose covariates (the other factors) move after its update."""
+    return not (prior.uses_covariates and self_covariates)
 
 
 @dataclass
@@ -57,6 +58,11 @@ class Side:
     covariates: torch.Tensor | None = None
     last_x: list[torch.Tensor | None] = field(default_factory=list)
     last_s: list[torch.Tensor | None] = field(default_factory=list)
+    # deferred prior refits (Engine.update): updates left to run under the current g, and
+    # how many refits in a row gained less than the engine's threshold
+    idle: list[int] = field(default_factory=list)
+    streak: list[int] = field(default_factory=list)
+    self_covariates: bool = False  # the engine's: see lfsr_at_end
 
     @property
     def k(self) -> int:
@@ -78,28 +84,27 @@ class Side:
         self.fixed.append(fixed)
         self.last_x.append(None)
         self.last_s.append(None)
+        self.idle.append(0)
+        self.streak.append(0)
 
     def keep(self, idx: list[int]) -> None:
         sel = torch.as_tensor(idx, dtype=torch.long, device=self.mean.device)
         self.mean = self.mean.index_select(1, sel)
         self.var = self.var.index_select(1, sel)
         self.lfsr = self.lfsr.index_select(1, sel)
-        for name in ("priors", "states", "g", "kl", "fixed", "last_x", "last_s"):
+        for name in _PER_FACTOR:
             lst = getattr(self, name)
             setattr(self, name, [lst[i] for i in idx])
 
     def snapshot(self) -> dict:
         # lfsr all left to the end (Engine.final_lfsr): no copy to keep (the inputs it
         # needs, last_x / last_s, are kept by reference)
-        deferred = all(lfsr_at_end(p) for p in self.priors)
+        lfsr_later = all(lfsr_at_end(p, self.self_covariates) for p in self.priors)
         return {
             "mean": self.mean.clone(),
             "var": self.var.clone(),
-            "lfsr": None if deferred else self.lfsr.clone(),
-            **{
-                n: list(getattr(self, n))
-                for n in ("priors", "states", "g", "kl", "fixed", "last_x", "last_s")
-            },
+            "lfsr": None if lfsr_later else self.lfsr.clone(),
+            **{n: list(getattr(self, n)) for n in _PER_FACTOR},
         }
 
     def restore(self, snap: dict) -> None:
@@ -110,6 +115,12 @@ class Side:
                 self.lfsr = torch.ones_like(snap["mean"])
                 continue
             setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
+
+
+#: The most updates in a row that run under a deferred prior's previous g.
+_MAX_DEFERRED = 8
+
+_PER_FACTOR = ("priors", "states", "g", "kl", "fixed", "last_x", "last_s", "idle", "streak")
 
 
 class ProductCache:
@@ -185,10 +196,15 @@ class Engine:
         self.noise = noise
         self.keep_inputs = keep_inputs
         self.self_covariates = self_covariates
+        # deferred refits of covariate-moderated priors (see update); the backfit sets
+        # refit_threshold (nats) to switch them on
+        self.refit_threshold: float | None = None
+        self.deferred = False  # an update ran under its previous g since the last reset
         n, p = data.shape
         dt, dev = data.dtype, data.device
         self.loadings = Side("loadings", *(torch.zeros(n, 0, dtype=dt, device=dev),) * 3)
         self.factors = Side("factors", *(torch.zeros(p, 0, dtype=dt, device=dev),) * 3)
+        self.loadings.self_covariates = self.factors.self_covariates = self_covariates
         self.a = torch.ones(n, dtype=_F64, device=dev)
         self.b = torch.ones(p, dtype=_F64, device=dev)
         self.masked = data.mask is not None
@@ -332,6 +348,7 @@ class Engine:
             side.var = side.var.index_copy(1, sel, side.var.index_select(1, sel) @ (t * t))
             for k in cols:
                 side.states[k] = None
+                side.idle[k] = side.streak[k] = 0
             # products with this side's means are linear in them
             cache = self._cache["factors" if side.name == "loadings" else "loadings"]
             if cache.values is not None and all(cache.valid[k] for k in cols):
@@ -446,13 +463,19 @@ class Engine:
         if not bool(((other.mean[:, k] != 0) | (other.var[:, k] > 0)).any()):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
-        res = this.priors[k].fit(
-            x,
-            s,
-            covariates=self._covariates(this, k),
-            state=this.states[k],
-            lfsr=not lfsr_at_end(this.priors[k]),  # else final_lfsr, from these inputs
-        )
+        prior = this.priors[k]
+        lfsr = not lfsr_at_end(prior, self.self_covariates)  # else final_lfsr
+        if self.refit_threshold is not None and this.idle[k] > 0:
+            # the posterior under the current g: the ELBO still cannot fall
+            res = prior.fit(
+                x, s, self._covariates(this, k), g_init=this.g[k], fix_g=True, lfsr=lfsr
+            )
+            res.state = this.states[k]  # the last refit's warm start stays
+            this.idle[k] -= 1
+            self.deferred = True
+        else:
+            res = prior.fit(x, s, self._covariates(this, k), this.states[k], lfsr=lfsr)
+            self._schedule_refits(this, k, res.state)
         old = this.mean[:, k].clone() if self.masked else None
         var = res.sd * res.sd
         this.mean[:, k] = res.mean
@@ -477,16 +500,39 @@ class Engine:
         self._invalidate(which, k)
         return alive
 
+    def _schedule_refits(self, side: Side, k: int, state: Any) -> None:
+        """After a refit of a covariate-moderated prior (whose state reports
+        ``refit_gain``, the log-likelihood it gained over keeping the previous g): one that
+        gained less than ``refit_threshold`` defers the next 1, 2, 4 or 8 refits of this
+        prior (doubling with each such refit in a row; the updates in between use the
+        current g); any larger gain ends the deferral. Training the prior's network is most
+        of such an update's cost, and late in a fit most refits gain nothing."""
+        gain = state.get("refit_gain") if isinstance(state, dict) else None
+        if self.refit_threshold is None or gain is None or self.self_covariates:
+            side.idle[k] = side.streak[k] = 0
+        elif gain < self.refit_threshold:
+            side.streak[k] += 1
+            side.idle[k] = min(2 ** (side.streak[k] - 1), _MAX_DEFERRED)
+        else:
+            side.idle[k] = side.streak[k] = 0
+
+    def wake_priors(self) -> None:
+        """Cancel every pending deferral: the next update of each prior refits it."""
+        for side in (self.loadings, self.factors):
+            side.idle = [0] * side.k
+        self.deferred = False
+
     def final_lfsr(self) -> None:
-        """The local false sign rates of the plain priors' sides, from the inputs and the
-        fitted prior of each side's last update (``fix_g``: the posterior of that update;
-        the updates skip them). Covariate-moderated priors compute theirs at every update."""
+        """The local false sign rates, from the inputs, covariates and fitted prior of
+        each side's last update (``fix_g``: the posterior of that update; the updates skip
+        them), except where :func:`lfsr_at_end` says the updates computed them."""
         for side in (self.loadings, self.factors):
             for k in range(side.k):
                 prior, x = side.priors[k], side.last_x[k]
-                if side.fixed[k] or not lfsr_at_end(prior) or x is None:
+                if side.fixed[k] or not lfsr_at_end(prior, self.self_covariates) or x is None:
                     continue
-                res = prior.fit(x, side.last_s[k], g_init=side.g[k], fix_g=True)
+                cov = self._covariates(side, k)
+                res = prior.fit(x, side.last_s[k], cov, g_init=side.g[k], fix_g=True)
                 side.lfsr[:, k] = res.lfsr
 
     def _covariates(self, side: Side, k: int) -> torch.Tensor | None:

@@ -549,7 +549,9 @@ def _rotate(engine: Engine, trace) -> bool:
 
 def _sweep(engine: Engine) -> list[int]:
     """Update every loading, then every factor, then the noise. Removes and returns the
-    factors that became zero."""
+    factors that became zero. ``engine.deferred`` says afterwards whether an update of
+    this sweep kept its prior (a deferred refit)."""
+    engine.deferred = False
     dead: set[int] = set()
     for which in ("loadings", "factors"):
         pre = engine.prepare(which)
@@ -643,17 +645,35 @@ def _backfit(engine: Engine, tol, max_iter, trace, bar):
         logger.info("backfit sweep %d: K=%d, ELBO %.10g", it, engine.k, elbo)
 
     total = 0
-    while True:
-        converged, reason, steps, _, dead = _iterate(
-            engine, lambda: _sweep(engine), tol, max_iter - total, on_step=on_step
-        )
-        total += steps
-        if not dead or engine.k == 0 or total >= max_iter:
-            if engine.k == 0:
-                converged, reason = True, "no factors left"
-            elif dead:  # a factor was removed on the last allowed sweep
-                converged, reason = False, "max_iter"
-            return converged, reason, total
+    woken_at = None  # the ELBO when deferred refits were last cancelled
+    try:
+        while True:
+            # covariate-moderated priors whose refits stop gaining (less than their share
+            # of tol) are refitted less often (Engine.update). Convergence with refits
+            # deferred is confirmed by cancelling them: the next sweep refits every prior,
+            # and the backfit ends once the ELBO has gained less than tol since then (so
+            # that sweep gained less than tol, as without deferral)
+            engine.refit_threshold = tol / (2 * max(engine.k, 1))
+            converged, reason, steps, elbo, dead = _iterate(
+                engine, lambda: _sweep(engine), tol, max_iter - total, on_step=on_step
+            )
+            total += steps
+            confirmed = woken_at is not None and elbo - woken_at < tol
+            if reason == "converged" and engine.deferred and not confirmed:
+                if total >= max_iter:  # no sweep left to confirm it
+                    return False, "max_iter", total
+                logger.info("backfit: converged with deferred prior refits; refitting all")
+                woken_at = elbo
+                engine.wake_priors()
+                continue
+            if not dead or engine.k == 0 or total >= max_iter:
+                if engine.k == 0:
+                    converged, reason = True, "no factors left"
+                elif dead:  # a factor was removed on the last allowed sweep
+                    converged, reason = False, "max_iter"
+                return converged, reason, total
+    finally:
+        engine.refit_threshold = None
 
 
 def _nullcheck(engine: Engine, trace) -> bool:

@@ -347,6 +347,7 @@ class CovariatePrior(Prior):
                 )
             warm = None
             z, stats = standardize(cov)
+        saved_ll = None  # a warm refit's log-likelihood at the saved prior, these data
         if warm is not None and "network" in warm:
             _load_network(net, warm["network"], setup.get("saved_rows"))
             extra = {
@@ -356,14 +357,15 @@ class CovariatePrior(Prior):
             n_iter, patience = self.warm_iter, _PATIENCE
             if g_init is None and not fix_g:
                 setup = self._widen_setup(setup, net, z, xs, s)
-                net, extra, fresh = self._best_start(net, extra, z, xs, s, setup)
+                net, extra, fresh, saved_ll = self._best_start(net, extra, z, xs, s, setup)
                 if fresh:  # the plain prior won: a cold fit
                     n_iter, patience = self.max_iter, None
         else:
             net, extra = self._plain_network(net, xs, s, setup)
             n_iter, patience = self.max_iter, None
+        final_ll = None
         if not fix_g:
-            self._train(net, extra, z, xs, s, setup, n_iter, patience)
+            final_ll = self._train(net, extra, z, xs, s, setup, n_iter, patience)
         with torch.no_grad():
             out = net(z)
             log_w = self._log_weights(out, extra, xs, s, setup).T
@@ -395,6 +397,10 @@ class CovariatePrior(Prior):
         g["hidden"] = np.asarray(self.hidden, dtype=np.int64)
         state_out = {k: g[k] for k in ("network", "extra", "covariate_stats")}
         state_out.update(self._state_entries(setup))
+        if saved_ll is not None:
+            # what refitting gained over keeping the saved prior (the EBMF engine defers
+            # the next refits of a prior whose refits stop gaining)
+            state_out["refit_gain"] = final_ll - saved_ll
         if self.normalise_units:
             g = self._g_to_data_units(g, unit)
             g["unit"] = state_out["unit"] = unit
@@ -421,9 +427,9 @@ class CovariatePrior(Prior):
         log-likelihood here. The saved network is always a candidate, so the chosen start
         never loses likelihood; the others keep the covariate prior from falling behind
         the plain prior when the data moved (e.g. standard errors shrank below the saved
-        grid). Returns ``(net, extra, fresh)``: a plain start (``fresh``) gets a cold
-        fit's iterations. The outputs of the three candidates differ only in the output biases,
-        so one forward pass serves all of them."""
+        grid). Returns ``(net, extra, fresh, saved log-likelihood)``: a plain start
+        (``fresh``) gets a cold fit's iterations. The outputs of the three candidates
+        differ only in the output biases, so one forward pass serves all of them."""
         bias, start = self._plain_start(x, s, setup)
         plain_extra = self._extra_init(setup, start)
         with torch.no_grad():
@@ -443,7 +449,7 @@ class CovariatePrior(Prior):
             ("saved", "re-centred", "plain")[best],
             [round(v, 3) for v in lls],
         )
-        return net, cands[best][1], best == 2
+        return net, cands[best][1], best == 2, lls[0]
 
     def network_outputs(self, g: dict, covariates) -> torch.Tensor:
         """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""
@@ -472,12 +478,13 @@ class CovariatePrior(Prior):
         with torch.no_grad():
             return self._loglik_of(net(z), extra, x, s, setup)
 
-    def _train(self, net, extra, z, x, s, setup, n_iter: int, patience: int | None = None) -> None:
+    def _train(self, net, extra, z, x, s, setup, n_iter: int, patience: int | None = None) -> float:
         """Full-batch L-BFGS on -loglik/n + penalty, in float32 (a copy of the problem when
         the data are float64); every evaluated point is a candidate and the best is kept.
         The result replaces the start only if its exact (float64) log-likelihood is not
         lower, so a warm start is never made worse. With ``patience``, training ends once
-        that many evaluations in a row found no higher log-likelihood (warm starts)."""
+        that many evaluations in a row found no higher log-likelihood (warm starts).
+        Returns the exact log-likelihood of the network kept."""
         start_ll = self._exact_loglik(net, extra, z, x, s, setup)
         start = _snapshot(net, extra)
         work_net, work_extra = net, extra
@@ -539,10 +546,13 @@ class CovariatePrior(Prior):
         for p in params:
             p.requires_grad_(False)
         if best["state"] is None:
-            return
+            return start_ll
         _restore(net, extra, best["state"])
-        if not self._exact_loglik(net, extra, z, x, s, setup) >= start_ll:
+        final_ll = self._exact_loglik(net, extra, z, x, s, setup)
+        if not final_ll >= start_ll:
             _restore(net, extra, start)
+            return start_ll
+        return final_ll
 
 
 #: A warm-started call's training stops once this many evaluations in a row found no
