@@ -773,3 +773,29 @@ def test_backfit_defers_refits_that_gain_nothing_and_converges_as_without(monkey
         )
         np.testing.assert_allclose(res.L_lfsr[:, k], direct.lfsr, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(res.L[:, k], direct.mean, rtol=1e-10, atol=1e-12)
+
+
+def test_a_block_prior_reports_a_refit_gain_only_when_every_block_does():
+    """refit_gain of a BlockPrior is the sum of its blocks' when all blocks are
+    warm-refitted covariate priors (each checked against a fix_g call under the saved
+    block prior); a plain block has no such gain, so neither has the BlockPrior."""
+    from cebmf.priors.block import BlockPrior
+
+    cov_a, _, x_a = simulate(n=600, seed=8)
+    cov_b, _, x_b = simulate(n=400, seed=9)
+    x = torch.tensor(np.concatenate([x_a, x_b]))
+    layout = np.zeros((1000, 6))
+    layout[:600, :3], layout[600:, 3:] = cov_a, cov_b
+    cov, s = torch.tensor(layout), torch.ones(1, dtype=torch.float64)
+    moved = x + torch.tensor(0.3 * np.random.default_rng(2).normal(size=1000))
+    both = BlockPrior([600, 400], ["cash", "cgb"], covariate_columns=[[0, 1, 2], [3, 4, 5]])
+    cold = both.fit(x, s, cov)
+    assert "refit_gain" not in cold.state
+    warm = both.fit(moved, s, cov, state=cold.state)
+    saved = both.fit(moved, s, cov, g_init=cold.g, fix_g=True)
+    gain = warm.state["refit_gain"]
+    assert gain == pytest.approx(warm.loglik - saved.loglik, abs=1e-7 * abs(saved.loglik))
+    assert gain == pytest.approx(sum(b["refit_gain"] for b in warm.state["blocks"]), rel=1e-12)
+    mixed = BlockPrior([600, 400], ["cash", "point_normal"], covariate_columns=[[0, 1, 2], None])
+    first = mixed.fit(x, s, cov)
+    assert "refit_gain" not in mixed.fit(moved, s, cov, state=first.state).state

@@ -96,11 +96,17 @@ class BlockPrior(Prior):
             "blocks": {n: r.g for n, r in zip(self.names, parts, strict=True)},
             "sizes": np.asarray(self.sizes),
         }
+        state: dict[str, Any] = {"blocks": [r.state for r in parts]}
+        gains = [r.state.get("refit_gain") if r.state else None for r in parts]
+        if all(gain is not None for gain in gains):
+            # every block is a warm-refitted covariate prior: the refit's gain over the
+            # saved prior is known (the EBMF engine may defer the next refits)
+            state["refit_gain"] = float(sum(gains))
         return EBNMResult(
             **cat,
             loglik=float(sum(r.loglik for r in parts)),
             g=g,
-            state={"blocks": [r.state for r in parts]},
+            state=state,
         )
 
     def _block_covariates(self, covariates: torch.Tensor | None) -> list[torch.Tensor | None]:
