@@ -658,6 +658,8 @@ def _backfit(engine: Engine, tol, max_iter, trace, bar):
                 engine, lambda: _sweep(engine), tol, max_iter - total, on_step=on_step
             )
             total += steps
+            if dead:  # a factor was removed: a confirmation must start afresh
+                woken_at = None
             confirmed = woken_at is not None and elbo - woken_at < tol
             if reason == "converged" and engine.deferred and not confirmed:
                 if total >= max_iter:  # no sweep left to confirm it
