@@ -62,7 +62,6 @@ class Side:
     # how many refits in a row gained less than the engine's threshold
     idle: list[int] = field(default_factory=list)
     streak: list[int] = field(default_factory=list)
-    self_covariates: bool = False  # the engine's: see lfsr_at_end
 
     @property
     def k(self) -> int:
@@ -96,10 +95,10 @@ class Side:
             lst = getattr(self, name)
             setattr(self, name, [lst[i] for i in idx])
 
-    def snapshot(self) -> dict:
+    def snapshot(self, self_covariates: bool) -> dict:
         # lfsr all left to the end (Engine.final_lfsr): no copy to keep (the inputs it
         # needs, last_x / last_s, are kept by reference)
-        lfsr_later = all(lfsr_at_end(p, self.self_covariates) for p in self.priors)
+        lfsr_later = all(lfsr_at_end(p, self_covariates) for p in self.priors)
         return {
             "mean": self.mean.clone(),
             "var": self.var.clone(),
@@ -199,12 +198,11 @@ class Engine:
         # deferred refits of covariate-moderated priors (see update); the backfit sets
         # refit_threshold (nats) to switch them on
         self.refit_threshold: float | None = None
-        self.deferred = False  # an update ran under its previous g since the last reset
+        self.deferred = False  # an update of the current sweep ran under its previous g
         n, p = data.shape
         dt, dev = data.dtype, data.device
         self.loadings = Side("loadings", *(torch.zeros(n, 0, dtype=dt, device=dev),) * 3)
         self.factors = Side("factors", *(torch.zeros(p, 0, dtype=dt, device=dev),) * 3)
-        self.loadings.self_covariates = self.factors.self_covariates = self_covariates
         self.a = torch.ones(n, dtype=_F64, device=dev)
         self.b = torch.ones(p, dtype=_F64, device=dev)
         self.masked = data.mask is not None
@@ -285,8 +283,8 @@ class Engine:
 
     def snapshot(self) -> dict:
         snap = {
-            "loadings": self.loadings.snapshot(),
-            "factors": self.factors.snapshot(),
+            "loadings": self.loadings.snapshot(self.self_covariates),
+            "factors": self.factors.snapshot(self.self_covariates),
             "a": self.a.clone(),
             "b": self.b.clone(),
             "cache": {which: cache.copy() for which, cache in self._cache.items()},
@@ -508,9 +506,8 @@ class Engine:
         current g); any larger gain ends the deferral. Training the prior's network is most
         of such an update's cost, and late in a fit most refits gain nothing."""
         gain = state.get("refit_gain") if isinstance(state, dict) else None
-        if self.refit_threshold is None or gain is None or self.self_covariates:
-            side.idle[k] = side.streak[k] = 0
-        elif gain < self.refit_threshold:
+        deferrable = self.refit_threshold is not None and not self.self_covariates
+        if deferrable and gain is not None and gain < self.refit_threshold:
             side.streak[k] += 1
             side.idle[k] = min(2 ** (side.streak[k] - 1), _MAX_DEFERRED)
         else:
@@ -520,7 +517,6 @@ class Engine:
         """Cancel every pending deferral: the next update of each prior refits it."""
         for side in (self.loadings, self.factors):
             side.idle = [0] * side.k
-        self.deferred = False
 
     def final_lfsr(self) -> None:
         """The local false sign rates, from the inputs, covariates and fitted prior of

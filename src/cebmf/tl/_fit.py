@@ -220,7 +220,7 @@ def _mudata_feature_rows(mdata, mods: list[str], rows: dict[str, np.ndarray]):
                 f"{name}: a dict needs one entry per fitted modality ({', '.join(mods)}), "
                 f"got {', '.join(map(str, value))}."
             )
-        parts = [
+        parts = [  # (rows, factors); a vector is one factor, as fit_ebmf reads it
             np.asarray(
                 _fitted_rows(
                     value[m],
@@ -229,13 +229,9 @@ def _mudata_feature_rows(mdata, mods: list[str], rows: dict[str, np.ndarray]):
                     f"{name}[{m!r}]",
                     f"feature of modality {m!r}",
                 )
-            )
+            ).reshape(rows[m].size, -1)
             for m in mods
         ]
-        ndims = {part.ndim for part in parts}
-        if ndims == {1}:
-            return np.concatenate(parts)
-        parts = [part[:, None] if part.ndim == 1 else part for part in parts]
         widths = {part.shape[1] for part in parts}
         if len(widths) != 1:
             raise ValueError(
