@@ -626,14 +626,21 @@ def test_masked_array_entries_are_missing():
 def test_fit_is_equivariant_to_the_scale_of_y(scale):
     """Multiplying Y by c multiplies L F^T by c and moves the ELBO by exactly -N P log c
     (every prior family here is a scale family, the noise variances scale by c^2): a check
-    of the arithmetic far from unit scale, against the unit-scale fit."""
+    of the arithmetic far from unit scale, against the unit-scale fit.
+
+    Equivariance holds to the solvers' precision, not to rounding: an EBNM Newton search
+    stops at a gain of 1e-13 |f|, and f carries -sum log s, about 230 per observation at
+    c = 1e-100, so flat problems (the greedy factor that dies in this fit) end up to 2e-5
+    apart in pi0; after that the two paths agree to about 1e-6 of the largest fitted
+    value. Under- or overflow at these scales would show as Inf, NaN or O(1) errors."""
     y, *_ = simulate(n=60, p=40, seed=17, sd=0.5)
     ref = cebmf.fit_ebmf(y, noise="column")
+    top = np.abs(ref.fitted()).max()
     for data in (y * scale, sp.csr_matrix(y * scale)):
         res = cebmf.fit_ebmf(data, noise="column")
         assert res.n_factors == ref.n_factors
         assert res.elbo == pytest.approx(ref.elbo - y.size * np.log(scale), abs=1e-6)
-        np.testing.assert_allclose(res.fitted() / scale, ref.fitted(), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(res.fitted() / scale, ref.fitted(), rtol=0, atol=1e-5 * top)
 
 
 def test_values_beyond_the_safe_range_are_refused():
