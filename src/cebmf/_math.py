@@ -180,6 +180,11 @@ def sign_probs_skipped() -> Iterator[None]:
         _SIGN_PROBS_WANTED.reset(token)
 
 
+def sign_probs_wanted() -> bool:
+    """False inside :func:`sign_probs_skipped` (a fit whose lfsr will be discarded)."""
+    return _SIGN_PROBS_WANTED.get()
+
+
 def _skipped_sign_probs(mean: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = torch.promote_types(mean.dtype, sd.dtype)
     # broadcast_tensors returns views (torch.broadcast_shapes would import sympy)
@@ -196,7 +201,7 @@ def normal_sign_probs(
     One tail, Phi(-|z|), is computed (accurate when tiny); the other is 1 minus it. Point
     masses are handled by masks, not a branch, so nothing waits on the device.
     """
-    if not _SIGN_PROBS_WANTED.get():
+    if not sign_probs_wanted():
         return _skipped_sign_probs(mean, sd)
     point = sd <= 0
     sd = torch.where(point, torch.ones_like(sd), sd)
@@ -263,7 +268,7 @@ def truncnorm_sign_probs(
 
     Each probability is accurate relative to its own size (computed in float64).
     """
-    if not _SIGN_PROBS_WANTED.get():
+    if not sign_probs_wanted():
         return _skipped_sign_probs(mean, sd)
     if c <= lower:
         return torch.zeros_like(mean), torch.ones_like(mean)

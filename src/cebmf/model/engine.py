@@ -170,6 +170,12 @@ class ProductCache:
                 self.valid[k] = False
 
 
+def _carries(mean: torch.Tensor, var: torch.Tensor) -> bool:
+    """Whether a side of a factor is not exactly zero: a non-zero mean or a positive
+    variance (one pass over the means in the usual case, where one is non-zero)."""
+    return bool(mean.any()) or bool((var > 0).any())
+
+
 def expected_loglik_normal(x, s, mean, var) -> torch.Tensor:
     """sum_i E_q log N(x_i; theta_i, s_i^2) in float64 (s may be a 1-element tensor).
 
@@ -312,15 +318,21 @@ class Engine:
             if prev[side.name]["mean"].shape != side.mean.shape:
                 return False
         self._sq = None
+        chosen = set(range(self.k)) if cols is None else set(cols)
         for side in (self.loadings, self.factors):
             old = prev[side.name]
-            chosen = set(range(self.k)) if cols is None else set(cols)
             move_list = [k in chosen and not side.fixed[k] for k in range(self.k)]
-            move = torch.as_tensor(move_list, dtype=torch.bool, device=side.mean.device)
-            mean = side.mean + beta * (side.mean - old["mean"])
-            var = (side.var + beta * (side.var - old["var"])).clamp(min=0.0)
-            side.mean = torch.where(move, mean, side.mean)
-            side.var = torch.where(move, var, side.var)
+            moved = [k for k, m in enumerate(move_list) if m]
+            if len(moved) == self.k:
+                side.mean = side.mean + beta * (side.mean - old["mean"])
+                side.var = (side.var + beta * (side.var - old["var"])).clamp(min=0.0)
+            elif moved:  # only these columns (a greedy factor): the same arithmetic on them
+                sel = torch.as_tensor(moved, dtype=torch.long, device=side.mean.device)
+                cur_m, cur_v = side.mean.index_select(1, sel), side.var.index_select(1, sel)
+                mean = cur_m + beta * (cur_m - old["mean"].index_select(1, sel))
+                var = (cur_v + beta * (cur_v - old["var"].index_select(1, sel))).clamp(min=0.0)
+                side.mean = side.mean.index_copy(1, sel, mean)
+                side.var = side.var.index_copy(1, sel, var)
             # products with this side's means: Y^T L (side loadings) or Y F (factors)
             key = "factors" if side.name == "loadings" else "loadings"
             self._cache[key].extrapolate(prev.get("cache", {}).get(key), beta, move_list)
@@ -386,7 +398,8 @@ class Engine:
         yw = self._prod(which, b)
         pre["yprod"] = dict(zip(ks, yw.unbind(1), strict=True))
         pre["m"] = other.mean.to(_F64).T @ b  # (K, |ks|)
-        pre["c"] = (w_other[:, None] * other.mean2.index_select(1, cols)).sum(0, dtype=_F64)
+        mean2 = o_cols * o_cols + other.var.index_select(1, cols)  # E[theta^2] of ks only
+        pre["c"] = (w_other[:, None] * mean2).sum(0, dtype=_F64)
         # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
         if self._weight_facts(which)[1]:
             cache = self._cache[which]
@@ -458,7 +471,7 @@ class Engine:
         this, other = self.side(which)
         if this.fixed[k]:
             return True
-        if not bool(((other.mean[:, k] != 0) | (other.var[:, k] > 0)).any()):
+        if not _carries(other.mean[:, k], other.var[:, k]):
             return False
         x, s = self.ebnm_inputs(which, k, pre)
         prior = this.priors[k]
@@ -485,7 +498,7 @@ class Engine:
         this.kl[k] = torch.as_tensor(
             res.loglik, dtype=_F64, device=x.device
         ) - expected_loglik_normal(x, s, res.mean, res.sd.to(_F64) ** 2)
-        alive = bool(((res.mean != 0) | (var > 0)).any())
+        alive = _carries(res.mean, var)
         this.last_x[k], this.last_s[k] = x, s
         if self.masked:
             delta = this.mean[:, k] - old

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as fn
 
-from .._math import LOG_2PI, exp_any, log_normal_pdf, normal_sign_probs, point_sign_probs
+from .._math import (
+    LOG_2PI,
+    exp_any,
+    log_normal_pdf,
+    normal_sign_probs,
+    point_sign_probs,
+    sign_probs_wanted,
+)
 from ._spike_slab import SpikeSlabPrior, _Data
 from .base import EBNMResult, register_prior
 
@@ -273,19 +280,22 @@ class PointNormal(_NormalSlab):
         if at != (pi0, eta):
             r0, r1 = torch.sigmoid(neg_u), torch.sigmoid(-neg_u)
         m1 = data.x.to(torch.float64) * q  # the slab's posterior mean and sd
-        sd1 = torch.full((1,), math.sqrt(q * s2), dtype=torch.float64, device=m1.device)
         var = (r0 * m1 * m1).add_(q * s2).mul_(r1)
-        c = -self.mode
-        spike_le, spike_ge = point_sign_probs(0.0, c)
-        slab_le, slab_ge = normal_sign_probs(m1, sd1, c)
-        lfsr = torch.minimum(r0 * spike_le + r1 * slab_le, r0 * spike_ge + r1 * slab_ge)
-        mean = (r1 * m1).add_(self.mode)
         dt = data.x.dtype
+        lfsr = None  # not wanted (Prior.fit(..., lfsr=False)): nothing to compute
+        if sign_probs_wanted():
+            c = -self.mode
+            sd1 = torch.full((1,), math.sqrt(q * s2), dtype=torch.float64, device=m1.device)
+            spike_le, spike_ge = point_sign_probs(0.0, c)
+            slab_le, slab_ge = normal_sign_probs(m1, sd1, c)
+            both = torch.minimum(r0 * spike_le + r1 * slab_le, r0 * spike_ge + r1 * slab_ge)
+            lfsr = both.clamp(0.0, 1.0).to(dt)
+        mean = (r1 * m1).add_(self.mode)
         return EBNMResult(
             mean=mean.to(dt),
             mean2=(mean * mean + var).to(dt),
             sd=var.sqrt().to(dt),
-            lfsr=lfsr.clamp(0.0, 1.0).to(dt),
+            lfsr=lfsr,
             loglik=loglik,
             g=self._fitted_g(theta),
             state={"pi0_eta": (pi0, eta)},
