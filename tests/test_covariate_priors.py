@@ -402,6 +402,33 @@ def test_block_prior_with_a_covariate_block_is_the_separate_fits():
         )
 
 
+def test_block_prior_without_lfsr_matches_its_blocks_fitted_alone():
+    """``lfsr=False`` (how the EBMF engine calls priors) skips the lfsr of every block,
+    including point-normal's closed-form path, and changes nothing else: means, sds,
+    log-likelihood and prior equal those of each block fitted alone; with ``lfsr=True``
+    the lfsr is the blocks' own, side by side."""
+    from cebmf.priors.block import BlockPrior
+
+    rng = np.random.default_rng(3)
+    theta = np.where(rng.random(900) < 0.7, 0.0, rng.normal(0, 3, 900))
+    x = torch.tensor(theta + rng.normal(size=900))
+    s = torch.ones(1, dtype=torch.float64)  # one s for all: point-normal's fast path
+    block = BlockPrior([600, 300], ["point_normal", "point_laplace"], names=["a", "b"])
+    quiet = block.fit(x, s, lfsr=False)
+    full = block.fit(x, s)
+    alone_a = get_prior("point_normal").fit(x[:600], s)
+    alone_b = get_prior("point_laplace").fit(x[600:], s)
+    assert quiet.lfsr is None
+    for res in (quiet, full):
+        np.testing.assert_array_equal(res.mean[:600].numpy(), alone_a.mean.numpy())
+        np.testing.assert_array_equal(res.sd[600:].numpy(), alone_b.sd.numpy())
+        assert res.loglik == alone_a.loglik + alone_b.loglik
+        assert res.g["blocks"]["a"]["pi0"] == alone_a.g["pi0"]
+    expected = np.concatenate([alone_a.lfsr.numpy(), alone_b.lfsr.numpy()])
+    np.testing.assert_array_equal(full.lfsr.numpy(), expected)
+    assert get_prior("point_normal").fit(x, s, lfsr=False).lfsr is None
+
+
 def test_cash_warm_starts_its_plain_mixture_on_the_current_grid():
     """Each cash call fits the plain mixture on its grid (the start of a cold fit, and the
     candidate a warm start must not fall behind). The weights are kept in the state and

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._math import sign_probs_wanted
 from .base import EBNMResult, Prior, get_prior
 
 
@@ -81,15 +82,17 @@ class BlockPrior(Prior):
             else [None] * len(self.sizes)
         )
         covs = self._block_covariates(covariates)
+        # inside a fit whose lfsr is discarded (Prior.fit(..., lfsr=False)) the blocks skip
+        # theirs too
+        lfsr = sign_probs_wanted()
         parts = [
-            prior.fit(xb, sb, covariates=cb, state=st, g_init=gi, fix_g=fix_g)
+            prior.fit(xb, sb, covariates=cb, state=st, g_init=gi, fix_g=fix_g, lfsr=lfsr)
             for prior, xb, sb, cb, st, gi in zip(
                 self.priors, xs, ss, covs, states, inits, strict=True
             )
         ]
-        cat = {
-            f: torch.cat([getattr(r, f) for r in parts]) for f in ("mean", "mean2", "sd", "lfsr")
-        }
+        cat = {f: torch.cat([getattr(r, f) for r in parts]) for f in ("mean", "mean2", "sd")}
+        cat["lfsr"] = torch.cat([r.lfsr for r in parts]) if lfsr else None
         g: dict[str, Any] = {
             "family": self.name,
             "mode": 0.0,
