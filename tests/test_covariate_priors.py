@@ -427,6 +427,13 @@ def test_block_prior_without_lfsr_matches_its_blocks_fitted_alone():
     expected = np.concatenate([alone_a.lfsr.numpy(), alone_b.lfsr.numpy()])
     np.testing.assert_array_equal(full.lfsr.numpy(), expected)
     assert get_prior("point_normal").fit(x, s, lfsr=False).lfsr is None
+    # a fit that asks for its lfsr inside one that does not (a family built on another's
+    # fit) still gets it: the innermost request decides
+    from cebmf._math import sign_probs
+
+    with sign_probs(False):
+        inner = get_prior("point_normal").fit(x[:600], s)
+    np.testing.assert_array_equal(inner.lfsr.numpy(), alone_a.lfsr.numpy())
 
 
 def test_cash_warm_starts_its_plain_mixture_on_the_current_grid():

@@ -163,17 +163,19 @@ def truncnorm_moments(
     return lower + sd * delta, sd * sd * var
 
 
-#: False inside :func:`sign_probs_skipped`: the sign probabilities are not wanted.
+#: False inside ``sign_probs(False)``: the sign probabilities are not wanted.
 _SIGN_PROBS_WANTED: ContextVar[bool] = ContextVar("cebmf_sign_probs_wanted", default=True)
 
 
 @contextlib.contextmanager
-def sign_probs_skipped() -> Iterator[None]:
-    """Within the block, :func:`normal_sign_probs` and :func:`truncnorm_sign_probs` return
-    zeros (broadcast views, no arithmetic): for EBNM fits whose local false sign rates
-    are not used (the EBMF engine computes them once, at the end of a fit). The sign
-    probabilities of the priors' pieces serve the lfsr only, so nothing else changes."""
-    token = _SIGN_PROBS_WANTED.set(False)
+def sign_probs(wanted: bool) -> Iterator[None]:
+    """Within the block, :func:`normal_sign_probs` and :func:`truncnorm_sign_probs` are
+    computed (``wanted``) or return zeros (broadcast views, no arithmetic), and
+    :func:`sign_probs_wanted` says which. ``Prior.fit(..., lfsr=False)`` skips them: the
+    EBMF engine computes the lfsr once, at the end of a fit. The sign probabilities of the
+    priors' pieces serve the lfsr only, so nothing else changes. The innermost block
+    decides: a fit that asks for its lfsr inside one that does not still gets it."""
+    token = _SIGN_PROBS_WANTED.set(bool(wanted))
     try:
         yield
     finally:
@@ -181,7 +183,7 @@ def sign_probs_skipped() -> Iterator[None]:
 
 
 def sign_probs_wanted() -> bool:
-    """False inside :func:`sign_probs_skipped` (a fit whose lfsr will be discarded)."""
+    """False inside ``sign_probs(False)`` (a fit whose lfsr will be discarded)."""
     return _SIGN_PROBS_WANTED.get()
 
 

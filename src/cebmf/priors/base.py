@@ -10,7 +10,6 @@ over g, and returns posterior summaries of theta under the fitted g.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._math import sign_probs_skipped
+from .._math import sign_probs
 from .._threads import threads_for
 from .._validation import (
     check_flags,
@@ -153,8 +152,7 @@ class Prior(ABC):
             raise ValueError("fix_g=True needs g_init: the prior to compute posteriors under.")
         if state is not None:
             self._check_state(state)
-        signs = contextlib.nullcontext() if lfsr else sign_probs_skipped()
-        with threads_for(x.numel(), x.device), signs:
+        with threads_for(x.numel(), x.device), sign_probs(lfsr):
             res = self._fit(x, s, covariates=covariates, state=state, g_init=g_init, fix_g=fix_g)
         if not lfsr:
             res.lfsr = None
