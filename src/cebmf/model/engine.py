@@ -67,10 +67,10 @@ class Side:
     def k(self) -> int:
         return self.mean.shape[1]
 
-    @property
-    def mean2(self) -> torch.Tensor:
-        """Posterior second moments E[theta^2] = mean^2 + var."""
-        return self.mean * self.mean + self.var
+    def second_moments(self, cols: torch.Tensor) -> torch.Tensor:
+        """Posterior second moments E[theta^2] = mean^2 + var of columns ``cols``."""
+        mean = self.mean.index_select(1, cols)
+        return mean * mean + self.var.index_select(1, cols)
 
     def append(self, mean, var, prior: Prior, fixed: bool) -> None:
         self.mean = torch.cat([self.mean, mean[:, None]], 1)
@@ -168,6 +168,11 @@ class ProductCache:
                 self.values[:, k] = cur + beta * (cur - prev.values[:, k])
             else:
                 self.valid[k] = False
+
+
+def _stepped(cur: torch.Tensor, prev: torch.Tensor, beta: float) -> torch.Tensor:
+    """The extrapolated point cur + beta (cur - prev)."""
+    return cur + beta * (cur - prev)
 
 
 def _carries(mean: torch.Tensor, var: torch.Tensor) -> bool:
@@ -324,13 +329,13 @@ class Engine:
             move_list = [k in chosen and not side.fixed[k] for k in range(self.k)]
             moved = [k for k, m in enumerate(move_list) if m]
             if len(moved) == self.k:
-                side.mean = side.mean + beta * (side.mean - old["mean"])
-                side.var = (side.var + beta * (side.var - old["var"])).clamp(min=0.0)
-            elif moved:  # only these columns (a greedy factor): the same arithmetic on them
+                side.mean = _stepped(side.mean, old["mean"], beta)
+                side.var = _stepped(side.var, old["var"], beta).clamp(min=0.0)
+            elif moved:  # only these columns (a greedy factor)
                 sel = torch.as_tensor(moved, dtype=torch.long, device=side.mean.device)
                 cur_m, cur_v = side.mean.index_select(1, sel), side.var.index_select(1, sel)
-                mean = cur_m + beta * (cur_m - old["mean"].index_select(1, sel))
-                var = (cur_v + beta * (cur_v - old["var"].index_select(1, sel))).clamp(min=0.0)
+                mean = _stepped(cur_m, old["mean"].index_select(1, sel), beta)
+                var = _stepped(cur_v, old["var"].index_select(1, sel), beta).clamp(min=0.0)
                 side.mean = side.mean.index_copy(1, sel, mean)
                 side.var = side.var.index_copy(1, sel, var)
             # products with this side's means: Y^T L (side loadings) or Y F (factors)
@@ -398,8 +403,7 @@ class Engine:
         yw = self._prod(which, b)
         pre["yprod"] = dict(zip(ks, yw.unbind(1), strict=True))
         pre["m"] = other.mean.to(_F64).T @ b  # (K, |ks|)
-        mean2 = o_cols * o_cols + other.var.index_select(1, cols)  # E[theta^2] of ks only
-        pre["c"] = (w_other[:, None] * mean2).sum(0, dtype=_F64)
+        pre["c"] = (w_other[:, None] * other.second_moments(cols)).sum(0, dtype=_F64)
         # with unit weights on the other side the product is a plain Y^T L or Y F: cache it
         if self._weight_facts(which)[1]:
             cache = self._cache[which]
