@@ -663,6 +663,105 @@ def test_more_bad_inputs_are_refused_before_fitting(counts, tmp_path):
     backed.file.close()
 
 
+def test_prior_and_covariate_errors_name_tl_fit_arguments(counts):
+    """The engine names its own X_l / X_f; through tl.fit the messages name
+    obs_covariates / var_covariates (per modality for a MuData), before any fitting."""
+    import mudata as md
+
+    a = counts[:, :150].copy()
+    with pytest.raises(
+        ValueError,
+        match=r"prior_loadings uses the covariate-moderated prior 'cash' but obs_covariates "
+        r"is None; pass obs_covariates \(columns of adata\.obs",
+    ):
+        cebmf.tl.fit(a, prior_loadings="cash", **FAST)
+    with pytest.raises(
+        ValueError,
+        match=r"obs_covariates was given but prior_loadings uses 'point_normal'.*drop "
+        r"obs_covariates",
+    ):
+        cebmf.tl.fit(a, prior_loadings="point_normal", obs_covariates="percent_mito", **FAST)
+    with pytest.raises(ValueError, match=r"prior_factors uses .* 'cgb' but var_covariates is"):
+        cebmf.tl.fit(a, prior_factors="cgb", **FAST)
+    with pytest.raises(ValueError, match=r"prior_factors: unknown prior 'bogus'"):
+        cebmf.tl.fit(a, prior_factors="bogus", **FAST)
+    mdata = md.MuData({"rna": a[:, :80].copy(), "atac": a[:, 80:].copy()})
+    with pytest.raises(
+        ValueError,
+        match=r"prior_factors\['rna'\] uses the covariate-moderated prior 'cash' but "
+        r"var_covariates\['rna'\] is None",
+    ):
+        cebmf.tl.fit(mdata, prior_factors={"rna": "cash"}, **FAST)
+    with pytest.raises(ValueError, match=r"prior_factors: unknown prior 'bogus'"):
+        cebmf.tl.fit(mdata, prior_factors="bogus", **FAST)
+    with pytest.raises(TypeError, match=r"prior_factors of modality 'rna' is a sequence"):
+        cebmf.tl.fit(mdata, prior_factors={"rna": ["point_normal"]}, **FAST)
+    assert "X_cebmf" not in a.obsm and "X_cebmf" not in mdata.obsm
+    # a categorical or text column, or text values, as size factors: named, not a pandas error
+    with pytest.raises(ValueError, match=r"size_factors='bulk_labels' names a column of category"):
+        cebmf.tl.fit(a, size_factors="bulk_labels", **FAST)
+    with pytest.raises(TypeError, match=r"size_factors must be a column name .* not numbers"):
+        cebmf.tl.fit(a, size_factors=["x"] * a.n_obs, **FAST)
+    # the transform a fit records for None is accepted back
+    b = a.copy()
+    b.X = sp.csr_matrix(np.log1p(b.X.astype(np.float64)))
+    cebmf.tl.fit(b, transform="none", **FAST)
+    assert b.uns["cebmf"]["params"]["transform"] == "none"
+    c = a.copy()
+    c.X = b.X.copy()
+    cebmf.tl.fit(c, transform=None, **FAST)
+    np.testing.assert_array_equal(b.obsm["X_cebmf"], c.obsm["X_cebmf"])
+
+
+def test_mudata_refit_with_fewer_modalities_replaces_the_fit_everywhere(counts):
+    """A refit under the same key that leaves a modality out removes the previous joint
+    fit's outputs there (they would describe factors the MuData no longer has); a fit of
+    that modality on its own under another key is kept."""
+    import mudata as md
+
+    a = counts[:, :150].copy()
+    mdata = md.MuData({"rna": a[:, :80].copy(), "atac": a[:, 80:].copy()})
+    cebmf.tl.fit(mdata["atac"], key_added="own", **FAST)
+    own = mdata["atac"].varm["own_factors"].copy()
+    cebmf.tl.fit(mdata, **FAST)
+    assert "cebmf_factors" in mdata["atac"].varm and "cebmf" in mdata["atac"].uns
+    cebmf.tl.fit(mdata, mods=["rna"], n_factors=2, max_iter=30)
+    k = mdata.obsm["X_cebmf"].shape[1]
+    assert mdata["rna"].varm["cebmf_factors"].shape[1] == k
+    for name in ("cebmf_factors", "cebmf_factors_sd", "cebmf_factors_lfsr"):
+        assert name not in mdata["atac"].varm
+    assert "cebmf" not in mdata["atac"].uns
+    np.testing.assert_array_equal(mdata["atac"].varm["own_factors"], own)
+    assert "own" in mdata["atac"].uns
+    with pytest.raises(ValueError, match=r"uns\['cebmf'\] not found"):
+        cebmf.pl.top_genes(mdata["atac"], show=False)
+
+
+def test_mudata_obs_covariates_of_a_modality_without_pull(counts):
+    """ "mod:column" names a modality's cell annotation whether or not the MuData pulled
+    it into mdata.obs (mudata's pull_on_update=False), as in cebmf.pl."""
+    import mudata as md
+
+    a = counts[:, :150].copy()
+    fits = []
+    for pull in (False, True):
+        with md.set_options(pull_on_update=pull):
+            mdata = md.MuData({"rna": a[:, :80].copy(), "atac": a[:, 80:].copy()})
+            assert ("rna:percent_mito" in mdata.obs.columns) is pull
+            cebmf.tl.fit(mdata, obs_covariates="rna:percent_mito", **FAST)
+            assert mdata.uns["cebmf"]["params"]["obs_covariates"] == ["rna:percent_mito"]
+            np.testing.assert_array_equal(
+                mdata.uns["cebmf"]["covariates"]["loadings"][:, 0],
+                a.obs["percent_mito"].to_numpy(),
+            )
+            fits.append(mdata.obsm["X_cebmf"])
+    np.testing.assert_array_equal(fits[0], fits[1])
+    with md.set_options(pull_on_update=False):
+        mdata = md.MuData({"rna": a[:, :80].copy(), "atac": a[:, 80:].copy()})
+        with pytest.raises(ValueError, match=r"'nope' is neither a column of mdata\.obs \(a"):
+            cebmf.tl.fit(mdata, obs_covariates="nope", **FAST)
+
+
 def test_cli_errors_are_one_line_naming_the_option(tmp_path, capsys):
     from cebmf.cli import main
 

@@ -27,7 +27,7 @@ logger = logging.getLogger("cebmf")
 PriorSpec = str | Prior | Sequence[str | Prior]
 
 
-class _PriorChoice:
+class PriorChoice:
     """Prior of factor k from a single spec or a per-factor sequence (the last entry
     serves every later factor)."""
 
@@ -61,6 +61,35 @@ class _PriorChoice:
 
     def __getitem__(self, k: int) -> Prior:
         return self.priors[min(k, len(self.priors) - 1)]
+
+
+def check_prior_covariates(
+    priors: Sequence[Prior],
+    has_covariates: bool,
+    *,
+    prior_arg: str,
+    covariates_arg: str,
+    what: str,
+    self_covariates: bool = False,
+) -> None:
+    """Refuse covariates given to a plain prior, and a covariate-moderated prior without
+    covariates (unless ``self_covariates``). The messages name ``prior_arg`` and
+    ``covariates_arg``, the caller's own argument names (``tl.fit`` has its own); ``what``
+    says what the covariates are (e.g. "one row per row of Y")."""
+    plain = [pr.name for pr in priors if not pr.uses_covariates]
+    moderated = [pr.name for pr in priors if pr.uses_covariates]
+    if has_covariates and plain:
+        raise ValueError(
+            f"{covariates_arg} was given but {prior_arg} uses {plain[0]!r}, which does not "
+            f"use covariates; choose a covariate-moderated prior (cash, emdn, spiked_emdn, "
+            f"cgb) or drop {covariates_arg}."
+        )
+    if not has_covariates and moderated and not self_covariates:
+        raise ValueError(
+            f"{prior_arg} uses the covariate-moderated prior {moderated[0]!r} but "
+            f"{covariates_arg} is None; pass {covariates_arg} ({what}) or "
+            "self_covariates=True."
+        )
 
 
 def _as_covariates(x, n: int, argname: str, dtype, device) -> torch.Tensor | None:
@@ -236,24 +265,19 @@ def fit_ebmf(
         tol = n * p * math.sqrt(np.finfo(np.float64).eps)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}.")
-    choose_l = _PriorChoice(prior_loadings, "prior_loadings")
-    choose_f = _PriorChoice(prior_factors, "prior_factors")
+    choose_l = PriorChoice(prior_loadings, "prior_loadings")
+    choose_f = PriorChoice(prior_factors, "prior_factors")
     cov_l = _as_covariates(X_l, n, "X_l", dt, dev)
     cov_f = _as_covariates(X_f, p, "X_f", dt, dev)
     for choice, cov, argname in ((choose_l, cov_l, "X_l"), (choose_f, cov_f, "X_f")):
-        plain = [pr.name for pr in choice.priors if not pr.uses_covariates]
-        moderated = [pr.name for pr in choice.priors if pr.uses_covariates]
-        if cov is not None and plain:
-            raise ValueError(
-                f"{argname} was given but {choice.argname} uses {plain[0]!r}, which does not "
-                f"use covariates; choose a covariate-moderated prior or drop {argname}."
-            )
-        if cov is None and moderated and not self_covariates:
-            raise ValueError(
-                f"{choice.argname} uses the covariate-moderated prior {moderated[0]!r} but "
-                f"{argname} is None; pass {argname} (one row per "
-                f"{'row' if argname == 'X_l' else 'column'} of Y) or self_covariates=True."
-            )
+        check_prior_covariates(
+            choice.priors,
+            cov is not None,
+            prior_arg=choice.argname,
+            covariates_arg=argname,
+            what=f"one row per {'row' if argname == 'X_l' else 'column'} of Y",
+            self_covariates=self_covariates,
+        )
     gen = torch.Generator().manual_seed(resolve_seed(random_state))
 
     engine = Engine(data, noise, keep_inputs=keep_ebnm_inputs, self_covariates=self_covariates)

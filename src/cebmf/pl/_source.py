@@ -18,6 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._mudata import obs_with_modalities
 from ._utils import get_uns
 
 
@@ -120,11 +121,7 @@ def plot_data(
 
 
 def _view(mdata, key: str, record: Mapping, mods: list[str], mod: str | None) -> ad.AnnData:
-    obs = mdata.obs.copy(deep=False)
-    for m in mods:  # the modalities' cell annotations as "mod:column", when not pulled
-        for col in mdata.mod[m].obs.columns:
-            if f"{m}:{col}" not in obs.columns:
-                obs[f"{m}:{col}"] = mdata.mod[m].obs[col].array
+    obs = obs_with_modalities(mdata, mods)
     # matrices with a row per cell (the loadings, embeddings); not the 1-D modality masks
     obsm: dict[str, Any] = {k: v for k, v in mdata.obsm.items() if np.ndim(v) == 2}
     # embeddings computed on a modality (e.g. mdata["rna"].obsm["X_umap"]) come after the

@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
+from .._mudata import obs_with_modalities
 from .._validation import check_flags, resolve_seed, shortlist
 from ..data.convert import resolve_device
 from ..data.transforms import column_sums_of_squares, row_sums_of_squares
-from ..model.fit import fit_ebmf
+from ..model.fit import PriorChoice, check_prior_covariates, fit_ebmf
 from ..priors.base import Prior
 from ..priors.block import BlockPrior
 from ._inputs import (
@@ -27,6 +29,7 @@ from ._inputs import (
 )
 from ._results import (
     check_key_free,
+    drop_joint_outputs,
     factor_names,
     full_rows,
     h5_safe,
@@ -81,9 +84,22 @@ def _prepare_matrix(
                 raise ValueError(
                     f"{prefix}size_factors={size_factors!r} is not a column of adata.obs."
                 )
-            sf = adata.obs[size_factors].to_numpy(dtype=np.float64)
+            column = adata.obs[size_factors]
+            if not is_numeric_dtype(column) or is_bool_dtype(column):
+                raise ValueError(
+                    f"{prefix}size_factors={size_factors!r} names a column of {column.dtype} "
+                    "values; size factors are positive numbers, one per cell."
+                )
+            sf = column.to_numpy(dtype=np.float64, na_value=np.nan)
         else:
-            sf = np.asarray(size_factors, dtype=np.float64)
+            try:
+                sf = np.asarray(size_factors, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{prefix}size_factors must be a column name of adata.obs or positive "
+                    f"numbers, one per cell; got {type(size_factors).__name__} of values that "
+                    "are not numbers."
+                ) from None
     # library sizes over every gene, as scanpy's normalize_total, before subsetting
     totals = (
         np.asarray(x.sum(1), dtype=np.float64).ravel()
@@ -243,6 +259,10 @@ def _mudata_feature_rows(mdata, mods: list[str], rows: dict[str, np.ndarray]):
     return gene_rows
 
 
+# what obs_covariates / var_covariates are, for the messages of _check_prior
+_OBS_WHAT = "columns of adata.obs, keys of adata.obsm or an array with one row per cell"
+_VAR_WHAT = "columns of adata.var, keys of adata.varm or an array with one row per gene"
+
 # fit_ebmf arguments that tl.fit sets itself, and the tl.fit argument that sets each
 _SET_BY_FIT = {
     "Y": "layer",  # the matrix comes from the AnnData
@@ -292,6 +312,21 @@ def _prior_spec(prior, has_cov: bool, default: str) -> Any:
     if prior is None:
         return "cash" if has_cov else default
     return prior
+
+
+def _check_prior(
+    spec, has_cov: bool, prior_arg: str, cov_arg: str, what: str, engine_options: dict
+) -> None:
+    """The engine's prior / covariate checks, with tl.fit's argument names in the messages
+    (``fit_ebmf`` would name its own, ``X_l`` and ``X_f``)."""
+    check_prior_covariates(
+        PriorChoice(spec, prior_arg).priors,
+        has_cov,
+        prior_arg=prior_arg,
+        covariates_arg=cov_arg,
+        what=what,
+        self_covariates=bool(engine_options.get("self_covariates", False)),
+    )
 
 
 def _describe(prior) -> Any:
@@ -360,8 +395,8 @@ def fit(
         ``"auto"`` (integer counts: ``"log1p_normalize"``; anything else: none),
         ``"log1p_normalize"`` (x * target_sum / library size, then log1p, on the stored
         non-zeros; library sizes over all genes), ``"log1p"``, ``"binary"`` and ``"tfidf"``
-        (ATAC peaks), or None. Negative values with a count transform, and negative
-        integers with ``"auto"``, are an error.
+        (ATAC peaks), or None (also ``"none"``, as recorded in ``params``). Negative
+        values with a count transform, and negative integers with ``"auto"``, are an error.
     target_sum
         Library size after normalisation (10^4, as scanpy's CP10k); None: the median
         library size of the cells with any counts, as scanpy's ``normalize_total``
@@ -468,6 +503,8 @@ def fit(
     )
     pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
     pf = _prior_spec(prior_factors, x_f is not None, "point_normal")
+    _check_prior(pl, x_l is not None, "prior_loadings", "obs_covariates", _OBS_WHAT, engine_options)
+    _check_prior(pf, x_f is not None, "prior_factors", "var_covariates", _VAR_WHAT, engine_options)
     res = fit_ebmf(
         y,
         max_factors=n_factors,
@@ -575,7 +612,14 @@ def _block_var_covariates(spec, mdata, mods, rows, sizes):
             continue
         mod = mdata.mod[m]
         x, names = resolve_covariates(
-            spec[m], mod.var, mod.varm, mod.n_vars, f"var_covariates[{m!r}]", "features", rows[m]
+            spec[m],
+            mod.var,
+            mod.varm,
+            mod.n_vars,
+            f"var_covariates[{m!r}]",
+            "features",
+            rows[m],
+            owner=f"mdata[{m!r}]",
         )
         mats.append(x)
         columns.append(list(range(width, width + x.shape[1])))
@@ -685,14 +729,37 @@ def _fit_mudata(
         start += y.shape[1]
     y = sp.hstack(parts, format="csr") if sparse else np.hstack(parts)
     x_l, l_names = resolve_covariates(
-        obs_covariates, out.obs, out.obsm, out.n_obs, "obs_covariates", "cells", cells
+        obs_covariates,
+        obs_with_modalities(out, mods),
+        out.obsm,
+        out.n_obs,
+        "obs_covariates",
+        "cells",
+        cells,
+        owner="mdata",
     )
     pl = _prior_spec(prior_loadings, x_l is not None, "point_normal")
     x_f, f_names, f_columns = _block_var_covariates(var_covariates, out, mods, rows, sizes)
+    _check_prior(pl, x_l is not None, "prior_loadings", "obs_covariates", _OBS_WHAT, engine_options)
     per_mod_f = [
         _prior_spec(_per_mod(prior_factors, m), cols is not None, "point_normal")
         for m, cols in zip(mods, f_columns, strict=True)
     ]
+    for m, spec, cols in zip(mods, per_mod_f, f_columns, strict=True):
+        if isinstance(spec, list | tuple):
+            raise TypeError(
+                f"prior_factors of modality {m!r} is a sequence; a joint MuData fit takes one "
+                "prior per modality (a name or a Prior instance)."
+            )
+        each = isinstance(prior_factors, dict) or isinstance(var_covariates, dict)
+        _check_prior(
+            spec,
+            cols is not None,
+            f"prior_factors[{m!r}]" if isinstance(prior_factors, dict) else "prior_factors",
+            f"var_covariates[{m!r}]" if each else "var_covariates",
+            f"columns of mdata[{m!r}].var, keys of its varm or an array with one row per feature",
+            engine_options,
+        )
     pf = BlockPrior(sizes, per_mod_f, names=mods, covariate_columns=f_columns)
     res = fit_ebmf(
         y,
@@ -775,4 +842,8 @@ def _fit_mudata(
         mod.uns[key_added] = h5_safe(
             {"factor_names": names, "joint_fit": True, "pve": out.uns[key_added]["pve_by_mod"][m]}
         )
+    # a refit under the same key that leaves a modality out replaces the fit there too
+    for m, mod in out.mod.items():
+        if m not in mods and drop_joint_outputs(mod, key_added):
+            logger.info("removed the previous joint fit %r from modality %r", key_added, m)
     return out if copy else None

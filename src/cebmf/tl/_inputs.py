@@ -16,7 +16,7 @@ from ..data.transforms import canonical_sparse, log1p_normalize
 
 logger = logging.getLogger("cebmf")
 
-TRANSFORMS = ("auto", "log1p_normalize", "log1p", "binary", "tfidf", None)
+TRANSFORMS = ("auto", "log1p_normalize", "log1p", "binary", "tfidf", "none", None)
 DEFAULT_TARGET_SUM = 1e4
 
 
@@ -118,7 +118,8 @@ def apply_transform(
     ``(matrix, resolved transform name)``. Sparse stays sparse, the input is never
     modified (every transform returns a new matrix, ``None`` returns the input).
     ``totals``: the library sizes of ``"log1p_normalize"`` (default: the row sums of
-    ``x``; pass the sums over all genes when ``x`` is a subset of them)."""
+    ``x``; pass the sums over all genes when ``x`` is a subset of them). ``"none"`` is
+    None (the name a fit records for it)."""
     if transform not in TRANSFORMS:
         raise ValueError(
             f"{argname}={transform!r} is not a transform; choose one of "
@@ -127,7 +128,7 @@ def apply_transform(
     if transform == "auto":
         transform = resolve_auto(x, argname)
         logger.info("transform='auto' -> %s", transform)
-    if transform is None:
+    if transform is None or transform == "none":
         return x, "none"
     values = _values(x)
     if values.size and np.nanmin(values) < 0:
@@ -317,15 +318,17 @@ def resolve_covariates(
     argname: str,
     where: str,
     rows: np.ndarray | None = None,
+    owner: str = "adata",
 ) -> tuple[np.ndarray | None, list[str]]:
     """Covariates from column names of ``frame`` (obs / var), keys of ``multi`` (obsm /
     varm), a DataFrame / Series (aligned on its index), or an array. Numeric columns as they
     are, booleans as 0/1, categoricals one-hot. Only ``rows`` (the fitted cells / genes;
-    default all) are returned, and only they must be finite. Returns ``(matrix
-    (len(rows), d) float64 or None, column labels)``."""
+    default all) are returned, and only they must be finite. ``owner`` names the object in
+    messages ("adata", "mdata"). Returns ``(matrix (len(rows), d) float64 or None, column
+    labels)``."""
     if spec is None:
         return None, []
-    block, labels = _covariate_block(spec, frame, multi, n, argname, where, rows)
+    block, labels = _covariate_block(spec, frame, multi, n, argname, where, rows, owner)
     if block.shape[1] == 0:
         raise ValueError(
             f"{argname} has no columns; pass None for no covariates (a prior without "
@@ -334,7 +337,7 @@ def resolve_covariates(
     return block, labels
 
 
-def _covariate_block(spec, frame, multi, n, argname, where, rows):
+def _covariate_block(spec, frame, multi, n, argname, where, rows, owner):
     """The body of :func:`resolve_covariates` for a spec that is not None."""
     sel = slice(None) if rows is None else rows
     if isinstance(spec, pd.Series):
@@ -392,9 +395,10 @@ def _covariate_block(spec, frame, multi, n, argname, where, rows):
         else:
             m = "obsm" if where == "cells" else "varm"
             f = "obs" if where == "cells" else "var"
+            hint = " (a modality's column as 'mod:column')" if owner == "mdata" else ""
             raise ValueError(
-                f"{argname}: {name!r} is neither a column of adata.{f} nor a key of "
-                f"adata.{m}; known {m} keys: {', '.join(map(repr, multi)) or 'none'}."
+                f"{argname}: {name!r} is neither a column of {owner}.{f}{hint} nor a key of "
+                f"{owner}.{m}; known {m} keys: {', '.join(map(repr, multi)) or 'none'}."
             )
         blocks.append(block)
         labels += lab

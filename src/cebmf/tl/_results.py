@@ -89,6 +89,19 @@ def _is_fit_record(record) -> bool:
     return isinstance(record, Mapping) and "factor_names" in record
 
 
+def drop_joint_outputs(mod, key: str) -> bool:
+    """Remove from a modality ``mod`` the outputs of a joint MuData fit under ``key`` (its
+    ``varm`` entries and ``uns[key]``), as when a refit under that key leaves ``mod`` out.
+    A fit of the modality on its own under ``key`` is kept. Returns whether any was."""
+    record = mod.uns.get(key)
+    if not (_is_fit_record(record) and bool(record.get("joint_fit", False))):
+        return False
+    for name in output_names(key)[1]:
+        mod.varm.pop(name, None)
+    del mod.uns[key]
+    return True
+
+
 def check_key_free(data, key: str) -> None:
     """Refuse a ``key_added`` whose outputs would overwrite those of another fit recorded
     in ``data.uns`` (e.g. ``key_added="cebmf_sd"`` next to a fit under ``"cebmf"``, whose
