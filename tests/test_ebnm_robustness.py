@@ -13,6 +13,7 @@ import torch
 
 import cebmf
 from cebmf.priors import available_priors, get_prior
+from cebmf.priors.base import prior_options
 
 FAMILIES = available_priors(covariates=False)
 SPIKE_SLAB = ["normal", "point_normal", "point_laplace", "point_exponential", "generalized_binary"]
@@ -578,6 +579,45 @@ def test_bad_prior_options_are_refused_when_the_prior_is_made(prior, options, ma
     (2.5 iterations -> 2), let NaN through, or fail deep inside a fit (max_iter=0)."""
     with pytest.raises((ValueError, TypeError), match=match):
         get_prior(prior, **options)
+
+
+# a value other than the default of every family's option, and how the repr shows it
+_OTHER_VALUES = {
+    "mode": (0.5, "mode=0.5"),
+    "nonnegative": (True, "nonnegative=True"),
+    "grid_mult": (2, "grid_mult=2.0"),
+    "kl_target": (0.1, "kl_target=0.1"),
+    "hidden": (8, "hidden=(8,)"),
+    "hidden_layers": (2, "hidden=(16, 16)"),  # kept as the layers it makes
+    "weight_decay": (0.5, "weight_decay=0.5"),
+    "max_iter": (7, "max_iter=7"),
+    "warm_iter": (3, "warm_iter=3"),
+    "tol": (1e-3, "tol=0.001"),
+    "seed": (5, "seed=5"),
+    "n_components": (3, "n_components=3"),
+    "scale": ([1.0, 0], "scale=array([0., 1.])"),
+    "max_k": (10, "max_k=10"),
+    "ratio": (0.3, "ratio=0.3"),
+}
+
+
+@pytest.mark.parametrize("family", [f for f in available_priors() if f != "block"])
+def test_prior_repr_shows_every_option_that_is_not_its_default(family):
+    """``repr`` (recorded by ``tl.fit`` in ``uns[key]["params"]``) names the class and each
+    option set away from its default: it used to drop most of them, so ``Cash()`` and
+    ``Cash(nonnegative=True)`` printed the same."""
+    cls = type(get_prior(family))
+    plain = repr(get_prior(family))
+    assert plain == f"{cls.__name__}()"
+    options = [o for o in prior_options(cls) if not (family == "flat" and o == "mode")]
+    assert set(options) <= set(_OTHER_VALUES), "a new option needs a value in _OTHER_VALUES"
+    for option in options:
+        value, shown = _OTHER_VALUES[option]
+        assert repr(get_prior(family, **{option: value})) == f"{cls.__name__}({shown})"
+    both = {o: _OTHER_VALUES[o][0] for o in options[:2]}
+    assert repr(get_prior(family, **both)) == (
+        f"{cls.__name__}({', '.join(_OTHER_VALUES[o][1] for o in options[:2])})"
+    )
 
 
 def test_prior_fit_accepts_what_ebnm_accepts():

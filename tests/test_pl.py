@@ -448,6 +448,37 @@ def test_prior_bad_arguments(adata):
     assert_unchanged(adata, before)
 
 
+def test_plots_of_factors_on_a_fit_with_no_factors():
+    """A fit with K = 0 has nothing to plot: every plot of factors says so alike (prior used
+    to say "factor=0 is out of range ... (indices 0 to -1; names )")."""
+    n, p = 20, 10
+    obs = pd.DataFrame({"group": pd.Categorical(["a", "b"] * (n // 2))})
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(np.ones((n, p)), obs=obs)
+    adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(n, 2))
+    adata.obsm["X_cebmf"] = np.zeros((n, 0))
+    adata.varm["cebmf_factors"] = np.zeros((p, 0))
+    adata.uns["cebmf"] = {
+        "factor_names": np.array([], dtype=object),
+        "pve": np.zeros(0),
+        "elbo": np.array([-3.0, -2.0]),
+        "priors": {},
+    }
+    plots = {
+        "embedding": lambda: pl.embedding(adata, basis="umap", show=False),
+        "top_genes": lambda: pl.top_genes(adata, show=False),
+        "structure": lambda: pl.structure(adata, "group", show=False),
+        "prior": lambda: pl.prior(adata, 0, show=False),
+        "prior by name": lambda: pl.prior(adata, "factor_1", show=False),
+        "variance_explained": lambda: pl.variance_explained(adata, show=False),
+    }
+    message = "the result has no factors (K = 0): there is nothing to plot."
+    for name, plot in plots.items():
+        with pytest.raises(ValueError) as err:
+            plot()
+        assert str(err.value) == message, name
+
+
 # ---- scanpy save conventions and silence ----------------------------------------------
 @pytest.fixture
 def figdir(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import time
@@ -29,8 +30,8 @@ def _by_modality(names: list[str] | None) -> dict[str, list[str]] | None:
         mod, sep, column = name.partition(":")
         if not (sep and mod and column):
             raise SystemExit(
-                f"cebmf fit: --var-covariates {name!r}: an .h5mu's feature covariates belong "
-                "to one modality each; write them MOD:COLUMN (e.g. rna:log_mean)."
+                f"cebmf fit: error: --var-covariates {name!r}: an .h5mu's feature covariates "
+                "belong to one modality each; write them MOD:COLUMN (e.g. rna:log_mean)."
             )
         out.setdefault(mod, []).append(column)
     return out
@@ -53,15 +54,52 @@ _OPTIONS = {
         "device",
     )
 } | {"random_state": "--seed", "X_l": "--obs-covariates", "X_f": "--var-covariates"}
+# run_demo's argument names -> ``cebmf demo``'s options
+_DEMO_OPTIONS = {"out": "--out", "n_factors": "--n-factors", "max_iter": "--max-iter"}
 
 
-def _as_options(message: str) -> str:
-    """``message`` with tl.fit's argument names written as the command's options (a
-    one-word name only where it is given a value: ``layer='raw'``)."""
-    plain = [n for n in _OPTIONS if "_" not in n]
-    compound = [n for n in _OPTIONS if "_" in n]
+def _as_options(message: str, options: dict[str, str] = _OPTIONS) -> str:
+    """``message`` with the Python argument names in ``options`` (default: tl.fit's)
+    written as the command's options (a one-word name only where it is given a value:
+    ``layer='raw'``)."""
+    plain = [n for n in options if "_" not in n]
+    compound = [n for n in options if "_" in n]
     pattern = r"\b(" + "|".join(compound) + r")\b|\b(" + "|".join(plain) + r")(?==)"
-    return re.sub(pattern, lambda m: _OPTIONS[m[1] or m[2]], message)
+    return re.sub(pattern, lambda m: options[m[1] or m[2]], message)
+
+
+def _reason(err: OSError | ValueError | KeyError | TypeError) -> str:
+    """``err`` in a few words: its type and the first line of its message."""
+    text = str(err).splitlines()[0] if str(err) else "no detail"
+    return f"{type(err).__name__}: {text}"
+
+
+def _check_output(dest: Path) -> None:
+    """Refuse, before any work, an output file that could not be written: ``dest`` is a
+    folder, the nearest existing folder above it is a file, or either is not writable.
+    The folders that are missing are created only when the result is written."""
+    if dest.is_dir():
+        raise SystemExit(
+            f"cebmf fit: error: output {dest} is a folder; give the path of a file in it "
+            f"(e.g. {dest / 'out'}{dest.suffix})."
+        )
+    if dest.exists():
+        if not os.access(dest, os.W_OK):
+            raise SystemExit(f"cebmf fit: error: output {dest} exists and is not writable.")
+        return
+    parent = dest.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SystemExit(
+            f"cebmf fit: error: cannot create output {dest}: {parent} is a file, not a "
+            "folder; choose an output path in a folder."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(
+            f"cebmf fit: error: cannot create output {dest}: the folder {parent} is not "
+            "writable; choose an output path in a writable folder."
+        )
 
 
 def _read(src: Path):
@@ -78,8 +116,7 @@ def _read(src: Path):
     except (OSError, ValueError, KeyError, TypeError) as err:
         kind = "MuData (.h5mu)" if src.suffix == ".h5mu" else "AnnData (.h5ad)"
         raise SystemExit(
-            f"cebmf fit: error: cannot read {src} as an {kind} file "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})."
+            f"cebmf fit: error: cannot read {src} as an {kind} file ({_reason(err)})."
         ) from None
 
 
@@ -88,14 +125,15 @@ def _fit(args: argparse.Namespace) -> int:
 
     src = Path(args.input)
     if not src.exists():
-        raise SystemExit(f"cebmf fit: input file {src} does not exist.")
+        raise SystemExit(f"cebmf fit: error: input file {src} does not exist.")
     dest = Path(args.output)
     wanted = ".h5mu" if src.suffix == ".h5mu" else ".h5ad"
     if dest.suffix != wanted:
         raise SystemExit(
-            f"cebmf fit: output {dest} must end in {wanted} (the input {src.name} is "
+            f"cebmf fit: error: output {dest} must end in {wanted} (the input {src.name} is "
             f"{'a MuData' if wanted == '.h5mu' else 'an AnnData'} file)."
         )
+    _check_output(dest)
     var_covariates = _names(args.var_covariates)
     if src.suffix == ".h5mu":
         var_covariates = _by_modality(var_covariates)
@@ -124,8 +162,11 @@ def _fit(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:  # a user error: its message, no traceback
         raise SystemExit(f"cebmf fit: error: {_as_options(str(err))}") from None
     record = data.uns[args.key_added]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    data.write_h5mu(dest) if wanted == ".h5mu" else data.write_h5ad(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data.write_h5mu(dest) if wanted == ".h5mu" else data.write_h5ad(dest)
+    except OSError as err:  # e.g. a full disk: the fit is lost, but no traceback
+        raise SystemExit(f"cebmf fit: error: cannot write {dest} ({_reason(err)}).") from None
     if not args.quiet:
         print(
             f"cebmf fit: {len(record['pve'])} factors, ELBO {record['elbo_final']:.6g}, "
@@ -144,14 +185,20 @@ def _fit(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    print(
-        run_demo(
+    try:  # run_demo checks its arguments before any work
+        summary = run_demo(
             Path(args.out),
             n_factors=args.n_factors,
             max_iter=args.max_iter,
             progress=args.progress,
         )
-    )
+    except (ValueError, TypeError) as err:  # a user error: its message, no traceback
+        raise SystemExit(f"cebmf demo: error: {_as_options(str(err), _DEMO_OPTIONS)}") from None
+    except OSError as err:  # e.g. a full disk
+        raise SystemExit(
+            f"cebmf demo: error: cannot write into --out {args.out} ({_reason(err)})."
+        ) from None
+    print(summary)
     return 0
 
 

@@ -11,10 +11,13 @@ prior of the first factors against a covariate.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ._validation import check_count, check_flags
 
 logger = logging.getLogger("cebmf")
 
@@ -37,12 +40,59 @@ def _priors(pl, plt, adata, n: int):
     return fig
 
 
-def run_demo(out: Path, n_factors: int = 20, max_iter: int = 80, progress: bool = False) -> str:
+def _output_folder(out: str | Path) -> Path:
+    """``out`` as a folder, created if missing; a clear ValueError naming ``out`` if it
+    cannot be (a file, a file above it, or not writable)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"out={str(out)!r} is an existing file, not a folder; pass a folder (it is "
+            "created if missing)."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"out={str(out)!r} cannot be created as a folder ({err.strerror or err}); pass "
+            "a folder that can be created."
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"out={str(out)!r} is not a writable folder; pass one that is.")
+    return out
+
+
+def run_demo(
+    out: str | Path, n_factors: int = 20, max_iter: int = 80, progress: bool = False
+) -> str:
     """Run the demo into folder ``out``; return a text summary.
 
-    ``max_iter`` caps the backfit sweeps (80 keeps the demo near a minute on two CPU cores;
-    the fit keeps gaining slowly for a few hundred sweeps with 20 factors, and the summary
-    says whether it converged)."""
+    Parameters
+    ----------
+    out
+        Folder of the AnnData and the figures (created if missing).
+    n_factors
+        Most factors (an integer >= 1).
+    max_iter
+        Most backfit sweeps (an integer >= 1; 80 keeps the demo near a minute on two CPU
+        cores; the fit keeps gaining slowly for a few hundred sweeps with 20 factors, and
+        the summary says whether it converged).
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The summary: per factor, its variance explained, the cell types of highest and lowest
+    mean loading and its top genes, then the files written.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For a bad argument (checked before any work), naming it.
+    """
+    n_factors = check_count(n_factors, "n_factors")
+    max_iter = check_count(max_iter, "max_iter")
+    check_flags(progress=progress)
+    out = _output_folder(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,8 +102,6 @@ def run_demo(out: Path, n_factors: int = 20, max_iter: int = 80, progress: bool 
     from . import pl, tl
     from .datasets import pbmc68k_counts
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     adata = pbmc68k_counts()
     tl.fit(

@@ -21,6 +21,8 @@ def _float_array(value, adata: AnnData, key: str, entry: str) -> np.ndarray:
             f"adata.uns[{key!r}][{entry!r}] must be an array of numbers, got "
             f"{type(value).__name__}."
         ) from None
+    if arr.size == 0 and entry == "pve":
+        u.resolve_factors(None, [])  # K = 0: the error of the other plots
     if arr.size == 0:
         raise ValueError(f"adata.uns[{key!r}][{entry!r}] is empty: there is nothing to plot.")
     return arr

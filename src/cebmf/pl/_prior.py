@@ -269,10 +269,10 @@ def prior(
     Raises
     ------
     ValueError
-        When the cebmf result is missing, the factor is unknown, the prior of this factor
-        and side does not depend on covariates (a plain family such as ``point_normal``),
-        the covariate column or the basis is unknown, or both ``covariate`` and ``basis``
-        are given.
+        When the cebmf result is missing or has no factors, the factor is unknown, the
+        prior of this factor and side does not depend on covariates (a plain family such as
+        ``point_normal``), the covariate column or the basis is unknown, or both
+        ``covariate`` and ``basis`` are given.
     """
     u.check_save(save)
     u.check_choice(side, "side", ("loadings", "factors"))
@@ -287,6 +287,7 @@ def prior(
         )
     n_fac = len(np.atleast_1d(uns["factor_names"])) if "factor_names" in uns else len(priors)
     names = u.factor_names(adata, key, n_fac)
+    u.resolve_factors(None, names)  # K = 0: the error of the other plots
     name = names[u.resolve_factor(factor, names, "factor")]
     if name not in priors:
         raise ValueError(

@@ -229,12 +229,6 @@ class CovariatePrior(Prior):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         self.seed = resolve_seed(seed, "seed")
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(mode={self.mode}, hidden={self.hidden}, "
-            f"weight_decay={self.weight_decay})"
-        )
-
     # ---- family hooks ----------------------------------------------------------------
     @abstractmethod
     def _n_outputs(self, setup: dict) -> int:

@@ -97,7 +97,17 @@ class Prior(ABC):
         self.mode = check_mode(mode)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode})"
+        """The class and each constructor option whose value is not its default, as
+        scikit-learn shows an estimator: ``Cash(nonnegative=True, max_iter=50)``. ``tl.fit``
+        records it in ``uns[key]["params"]``, so priors that differ print differently.
+        Options kept only through another one (``hidden_layers`` sets ``hidden``) are
+        shown through that one."""
+        shown = []
+        for name, default in _option_defaults(type(self)).items():
+            value = getattr(self, name, _UNSET)
+            if value is not _UNSET and not _same(value, default):
+                shown.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def fit(
         self,
@@ -319,13 +329,34 @@ def get_prior(prior: str | Prior, **options: Any) -> Prior:
 def prior_options(cls: type[Prior]) -> list[str]:
     """Keyword options of a prior family's constructor, following ``**kwargs`` that a
     class passes on to its parent's constructor."""
-    names: list[str] = []
+    return list(_option_defaults(cls))
+
+
+_UNSET = object()
+
+
+def _option_defaults(cls: type[Prior]) -> dict[str, Any]:
+    """``{option: default}`` of a prior family's constructor (see :func:`prior_options`);
+    an option without a default maps to ``inspect.Parameter.empty``."""
+    defaults: dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = list(inspect.signature(init).parameters.values())[1:]
-        names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        for p in params:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                defaults.setdefault(p.name, p.default)
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
-    return list(dict.fromkeys(names))
+    return defaults
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether an option's ``value`` is its ``default`` (an array is never a default)."""
+    if value is default:
+        return True
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError):  # an array compared with a scalar default
+        return False

@@ -59,6 +59,16 @@ class Cash(CovariatePrior):
         base_cls = NonnegativeMixture if nonnegative else NormalScaleMixture
         self.base = base_cls(grid_mult=grid_mult, kl_target=kl_target)
 
+    @property
+    def grid_mult(self) -> float | None:
+        """The grid spacing option (kept by the plain mixture behind the grid)."""
+        return self.base.grid_mult
+
+    @property
+    def kl_target(self) -> float | None:
+        """The grid's KL target option (kept by the plain mixture behind the grid)."""
+        return self.base.kl_target
+
     def _setup(self, x, s, warm, g_init):
         saved_rows = None
         if warm is not None and "scale" in warm:

@@ -121,6 +121,3 @@ class GeneralizedBinary(SpikeSlabPrior):
                 f"pass ratio={g['ratio']}."
             )
         return math.log(mu)
-
-    def __repr__(self) -> str:
-        return f"GeneralizedBinary(mode={self.mode}, ratio={self.ratio})"
