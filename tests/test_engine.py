@@ -674,6 +674,81 @@ def test_more_bad_arguments_have_clear_errors():
         cebmf.fit_ebmf(y, random_state=2**70)
 
 
+@pytest.mark.parametrize("stages", ["none", "greedy only", "all"])
+def test_init_factors_are_fitted_before_the_first_elbo(stages):
+    """Starting factors get their priors and posteriors before anything is compared with
+    the ELBO: whatever the stages, the reported ELBO is the independent dense one of the
+    returned q, and the trace never falls (it used to start hundreds of nats too high,
+    without the starting factors' KL terms, and the first sweep then "lowered" it)."""
+    rng = np.random.default_rng(0)
+    lo = rng.normal(size=(60, 2)) * (rng.random((60, 2)) < 0.5)
+    y = lo @ (2 * rng.normal(size=(40, 2))).T + 0.5 * rng.normal(size=(60, 40))
+    u, d, vt = np.linalg.svd(y, full_matrices=False)
+    init = (u[:, :1] * np.sqrt(d[0]), vt[:1].T * np.sqrt(d[0]))
+    on = {"none": (False, False), "greedy only": (True, False), "all": (True, True)}[stages]
+    res = cebmf.fit_ebmf(
+        y, init=init, greedy=on[0], backfit=on[1], nullcheck=on[1], keep_ebnm_inputs=True
+    )
+    assert res.n_factors >= 1
+    assert res.priors[0]["loadings"]["family"] == "point_normal"
+    assert res.L_sd[:, 0].max() > 0 and res.F_sd[:, 0].max() > 0
+    assert res.elbo == pytest.approx(dense_elbo(y, res), rel=1e-9)
+    trace = np.asarray(res.elbo_trace)
+    assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace).max())
+
+
+def test_more_bad_init_and_argument_values_are_named():
+    y, *_ = simulate(n=30, p=6, seed=19)
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError, match=r"init has 7 factors but a 30 x 6 matrix allows at"):
+        cebmf.fit_ebmf(y, init=(rng.normal(size=(30, 7)), rng.normal(size=(6, 7))))
+    u, _, vt = np.linalg.svd(y, full_matrices=False)
+    with pytest.raises(ValueError, match=r"init column 0 is too large .* rescale init"):
+        cebmf.fit_ebmf(y, init=(u[:, :1] * 1e200, vt[:1].T * 1e200))
+    with pytest.raises(TypeError, match=r"tol must be a positive number \(or None\), got '1e-3'"):
+        cebmf.fit_ebmf(y, tol="1e-3")
+    with pytest.raises(ValueError, match="tol must be a positive finite number, got inf"):
+        cebmf.fit_ebmf(y, tol=math.inf)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer, got True"):
+        cebmf.fit_ebmf(y, max_iter=True)
+    with pytest.raises(ValueError, match=r"Y must be 2-dimensional, got shape \(2, 2, 2\)"):
+        cebmf.fit_ebmf(torch.ones(2, 2, 2).to_sparse())
+    # numpy dtype objects (e.g. dtype=Y.dtype) name the same dtypes as the types
+    a = cebmf.fit_ebmf(y, dtype=y.dtype, max_factors=2)
+    b = cebmf.fit_ebmf(y, dtype=np.float64, max_factors=2)
+    assert a.elbo == b.elbo and a.L.dtype == np.float64
+
+
+def test_torch_sparse_tensors_of_every_kind_fit_as_their_scipy_matrix():
+    """float16 values and hybrid tensors (rows stored as dense vectors) used to fail
+    inside scipy / numpy; each gives the fit of the same matrix as a scipy CSR."""
+    y, *_ = simulate(n=40, p=30, seed=3)
+    y = np.where(np.abs(y) > 1.0, y, 0.0)
+    half = torch.tensor(y, dtype=torch.float16)
+    want = cebmf.fit_ebmf(sp.csr_matrix(half.double().numpy()), max_factors=3)
+    for tensor in (half.to_sparse(), half.to_sparse_csr(), half.to_sparse(1)):
+        got = cebmf.fit_ebmf(tensor, max_factors=3)
+        assert got.elbo == pytest.approx(want.elbo, rel=1e-12)
+        np.testing.assert_allclose(got.fitted(), want.fitted(), atol=1e-9)
+    hybrid = torch.tensor(y).to_sparse(1)
+    assert hybrid.sparse_dim() == 1
+    got = cebmf.fit_ebmf(hybrid, max_factors=3)
+    want = cebmf.fit_ebmf(sp.csr_matrix(y), max_factors=3)
+    assert got.elbo == pytest.approx(want.elbo, rel=1e-12)
+
+
+def test_a_fixed_side_has_the_lfsr_of_a_known_value():
+    """min(P(theta <= 0), P(theta >= 0)) of a value known exactly: 0 off zero, 1 at zero
+    (it used to be the placeholder 1 everywhere)."""
+    y, *_ = simulate(n=50, p=30, seed=4)
+    cells = np.r_[np.zeros(10), np.ones(40)]
+    genes = np.r_[-np.ones(10), np.zeros(5), np.ones(15)]
+    res = cebmf.fit_ebmf(y + 5, fixed_loadings=cells, fixed_factors=genes)
+    np.testing.assert_array_equal(res.L_lfsr[:, 0], (cells == 0).astype(float))
+    np.testing.assert_array_equal(res.F_lfsr[:, 1], (genes == 0).astype(float))
+    assert np.all(res.L_sd[:, 0] == 0) and np.all(res.F_sd[:, 1] == 0)
+
+
 def _point_normal_lfsr(x, s, pi0, scale):
     """min(P(theta <= 0), P(theta >= 0)) under pi0 delta_0 + (1 - pi0) N(0, scale^2), by
     scipy (the spike counts on both sides)."""

@@ -48,6 +48,8 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     """None: float32 on GPUs, float64 on the CPU. Else float32 or float64."""
     if dtype is None:
         return torch.float32 if device.type == "cuda" else torch.float64
+    if isinstance(dtype, np.dtype):  # e.g. dtype=Y.dtype: np.dtype("float64") -> np.float64
+        dtype = dtype.type
     mapping = {
         "float32": torch.float32,
         "float64": torch.float64,
@@ -127,11 +129,12 @@ def as_data_matrix(
         _check_shape(csr.shape, name)
         return SparseData(csr, dtype, device, backend=sparse_backend)
     if isinstance(y, torch.Tensor) and y.layout != torch.strided:
-        coo = y.detach().to_sparse_coo().coalesce().cpu()
-        idx = coo.indices().numpy()
-        mat = sp.csr_matrix((coo.values().numpy(), (idx[0], idx[1])), shape=tuple(coo.shape))
         return as_data_matrix(
-            mat, dtype=dtype, device=device, name=name, sparse_backend=sparse_backend
+            _torch_sparse_to_scipy(y, name),
+            dtype=dtype,
+            device=device,
+            name=name,
+            sparse_backend=sparse_backend,
         )
     if isinstance(y, torch.Tensor):
         t = y.detach()
@@ -155,6 +158,27 @@ def as_data_matrix(
         largest = float(torch.nan_to_num(t.double(), nan=0.0).abs().max())
     _check_scale(largest, dtype, name)
     return data
+
+
+def _torch_sparse_to_scipy(y: torch.Tensor, name: str) -> sp.csr_matrix:
+    """A scipy CSR of a 2-D torch sparse tensor (COO, CSR, CSC, BSR, BSC; a hybrid COO whose
+    rows are stored as dense vectors too). float16 / bfloat16 values become float64
+    (numpy and scipy's sparse kernels lack them)."""
+    if y.ndim != 2:
+        raise ValueError(f"{name} must be 2-dimensional, got shape {tuple(y.shape)}.")
+    if y.is_complex():
+        raise TypeError(f"{name} must be real, got a complex sparse tensor.")
+    coo = y.detach().to_sparse_coo().coalesce().cpu()
+    values = coo.values()
+    if values.is_floating_point() and values.dtype not in (torch.float32, torch.float64):
+        values = values.to(torch.float64)
+    idx = coo.indices().numpy()
+    if coo.sparse_dim() == 2:
+        return sp.csr_matrix((values.numpy(), (idx[0], idx[1])), shape=tuple(coo.shape))
+    if coo.sparse_dim() == 1:  # a hybrid tensor: the stored rows as dense vectors
+        block = sp.coo_matrix(values.numpy())
+        return sp.csr_matrix((block.data, (idx[0][block.row], block.col)), shape=tuple(coo.shape))
+    return sp.csr_matrix(values.numpy())  # sparse_dim 0: one dense block
 
 
 def _as_numeric_array(y: Any, name: str) -> np.ndarray:

@@ -538,11 +538,16 @@ class Engine:
     def final_lfsr(self) -> None:
         """The local false sign rates, from the inputs, covariates and fitted prior of
         each side's last update (``fix_g``: the posterior of that update; the updates skip
-        them), except where :func:`lfsr_at_end` says the updates computed them."""
+        them), except where :func:`lfsr_at_end` says the updates computed them; a fixed
+        side's, from its values."""
         for side in (self.loadings, self.factors):
             for k in range(side.k):
                 prior, x = side.priors[k], side.last_x[k]
-                if side.fixed[k] or not lfsr_at_end(prior, self.self_covariates) or x is None:
+                if side.fixed[k]:
+                    # known exactly: min(P(theta <= 0), P(theta >= 0)) is 0 off zero, 1 at 0
+                    side.lfsr[:, k] = (side.mean[:, k] == 0).to(side.lfsr.dtype)
+                    continue
+                if not lfsr_at_end(prior, self.self_covariates) or x is None:
                     continue
                 cov = self._covariates(side, k)
                 res = prior.fit(x, side.last_s[k], cov, g_init=side.g[k], fix_g=True)

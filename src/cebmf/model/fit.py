@@ -141,6 +141,25 @@ def _as_matrix(x, n: int, argname: str, dtype, device) -> torch.Tensor:
     return torch.as_tensor(arr, dtype=dtype, device=device)
 
 
+def _check_init_scale(l0: torch.Tensor, f0: torch.Tensor, n: int, p: int) -> None:
+    """Refuse starting factors whose squares (the engine's Gram matrices and expected
+    residuals) or products L0 F0^T overflow float64."""
+    a = l0.to(torch.float64).abs().amax(0)
+    b = f0.to(torch.float64).abs().amax(0)
+    big = (
+        ~torch.isfinite(a * a * n)
+        | ~torch.isfinite(b * b * p)
+        | ~torch.isfinite((a * b) ** 2 * n * p)
+    )
+    if bool(big.any()):
+        j = int(torch.nonzero(big)[0])
+        raise ValueError(
+            f"init column {j} is too large (|L0| up to {float(a[j]):.3g}, |F0| up to "
+            f"{float(b[j]):.3g}): its squares or products overflow; rescale init to the "
+            "scale of the data."
+        )
+
+
 def fit_ebmf(
     Y: Any,
     *,
@@ -256,15 +275,19 @@ def fit_ebmf(
         raise TypeError(f"max_factors must be an integer, got {type(max_factors).__name__}.")
     if max_factors < 1:
         raise ValueError(f"max_factors must be at least 1, got {max_factors}.")
-    if not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    if tol is not None and (
+        isinstance(tol, bool) or not isinstance(tol, int | float | np.integer | np.floating)
+    ):
+        raise TypeError(f"tol must be a positive number (or None), got {tol!r}.")
     data = as_data_matrix(Y, dtype=dt, device=dev, sparse_backend=sparse_backend)
     n, p = data.shape
     _check_zero_lines(data, noise)
     if tol is None:
         tol = n * p * math.sqrt(np.finfo(np.float64).eps)
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}.")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol}.")
     choose_l = PriorChoice(prior_loadings, "prior_loadings")
     choose_f = PriorChoice(prior_factors, "prior_factors")
     cov_l = _as_covariates(X_l, n, "X_l", dt, dev)
@@ -336,6 +359,12 @@ def fit_ebmf(
             raise ValueError(
                 f"init has {l0.shape[1]} loading columns but {f0.shape[1]} factor columns."
             )
+        if l0.shape[1] > min(n, p):
+            raise ValueError(
+                f"init has {l0.shape[1]} factors but a {n} x {p} matrix allows at most "
+                f"{min(n, p)}; drop columns of init."
+            )
+        _check_init_scale(l0, f0, n, p)
         for j in range(l0.shape[1]):
             kk = engine.k
             engine.add_factor(
@@ -348,6 +377,18 @@ def fit_ebmf(
             )
     if engine.k:
         engine.update_noise()
+    init_dropped = 0
+    if init is not None and l0.shape[1]:
+        # the starting factors get their priors and posteriors (one update of each side):
+        # until then their KL terms are missing and the ELBO would not be that of q
+        dead = _sweep(engine)
+        trace.append(engine.elbo())  # the first ELBO of the fit: the starting factors'
+        init_dropped = len(dead)
+        if dead:
+            logger.info(
+                "init: %d starting factor(s) became zero in their first update and were dropped",
+                len(dead),
+            )
 
     bar = _progress(progress)
     cap = min(int(max_factors), n, p)
@@ -377,6 +418,8 @@ def fit_ebmf(
             bar=bar,
         )
         bar.close()
+        if engine.k == 0 and init_dropped and stop == "greedy only":
+            converged, stop = True, "no factors left"  # the starting factors died
         res = _result(engine, trace, converged, stop, n_iter)
     _report_shortfalls(shortfalls, tol)
     res.timing = timing

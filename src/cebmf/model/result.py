@@ -33,8 +33,9 @@ class EBMFResult:
     elbo
         Final evidence lower bound (float64).
     elbo_trace
-        ELBO after each accepted greedy factor, each backfit sweep and each factor
-        removed by the nullcheck, in order.
+        ELBO after the starting factors' first update (with ``init``), each accepted
+        greedy factor, each backfit sweep and each factor removed by the nullcheck, in
+        order.
     noise
         The noise model (``"constant"``, ``"row"`` or ``"column"``).
     noise_sd

@@ -60,6 +60,8 @@ def sparse_rotation(
     the heavy side up) and ordered as they come from varimax.
     """
     lm, fm = lmean.to(_F64), fmean.to(_F64)
+    if lm.shape[1] > min(lm.shape[0], fm.shape[0]):  # more factors than the rank allows
+        return None
     # the split of each factor's scale between L and F is arbitrary (and can drift to
     # 1e-10 vs 1e10): balance it first, so that rank checks compare like with like
     ln, fn = lm.norm(dim=0), fm.norm(dim=0)
