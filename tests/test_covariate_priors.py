@@ -833,3 +833,244 @@ def test_a_block_prior_reports_a_refit_gain_only_when_every_block_does():
     mixed = BlockPrior([600, 400], ["cash", "point_normal"], covariate_columns=[[0, 1, 2], None])
     first = mixed.fit(x, s, cov)
     assert "refit_gain" not in mixed.fit(moved, s, cov, state=first.state).state
+
+
+# ---- g_init / state / covariates checks of the covariate families --------------------
+# the fits are small and short (n = 40, 5 L-BFGS iterations): only their g and state matter
+_SMALL = {
+    "cash": ("cash", {}),
+    "cash_nonneg": ("cash", {"nonnegative": True}),
+    "cgb": ("cgb", {}),
+    "cgb_nonneg": ("cgb", {"nonnegative": True}),
+    "emdn": ("emdn", {"n_components": 3}),
+    "spiked_emdn": ("spiked_emdn", {"n_components": 3}),
+    "cash_linear": ("cash", {"hidden_layers": 0}),
+}
+
+
+@pytest.fixture(scope="module")
+def small_fits():
+    """{key: (prior, x, cov, result)} of each entry of ``_SMALL``, 3 covariates."""
+    cov, _, x = simulate(n=40, d=3, seed=21, nonneg=True)
+    fits = {}
+    for key, (family, options) in _SMALL.items():
+        prior = get_prior(family, max_iter=5, **options)
+        fits[key] = (prior, x, cov, cebmf.ebnm(x, 1.0, prior, covariates=cov))
+    return fits
+
+
+def _h5ad_round_trip(g: dict, path) -> dict:
+    """``g`` as cebmf.tl stores it in ``uns`` and reads it back from an .h5ad file."""
+    import anndata
+
+    from cebmf.tl._results import h5_safe
+
+    adata = anndata.AnnData(np.zeros((1, 1)))
+    adata.uns["g"] = h5_safe(g)
+    adata.write_h5ad(path)
+    return anndata.read_h5ad(path).uns["g"]
+
+
+@pytest.mark.parametrize("family", ["cash", "cgb"])
+def test_g_init_of_a_nonnegative_fit_is_refused_by_the_real_line_prior(
+    family, small_fits, tmp_path
+):
+    """A nonnegative fit's g (exponential grid / truncated slab) given to the real-line
+    prior used to be read as that prior's (grid means as sds; posterior means < 0). It is
+    refused, naming both values; the nonnegative prior takes it back, also after an .h5ad
+    round trip (numpy bools and arrays), with the same log-likelihood."""
+    prior, x, cov, res = small_fits[f"{family}_nonneg"]
+    with pytest.raises(
+        ValueError,
+        match=r"g_init was fitted with nonnegative=True but this prior has nonnegative=False",
+    ):
+        cebmf.ebnm(x, 1.0, family, covariates=cov, g_init=res.g, fix_g=True)
+    back = _h5ad_round_trip(res.g, tmp_path / "g.h5ad")
+    again = cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=back, fix_g=True)
+    assert again.loglik == res.loglik
+    with pytest.raises(ValueError, match=r"g_init was fitted with nonnegative=True"):
+        cebmf.ebnm(x, 1.0, family, covariates=cov, g_init=back, fix_g=True)
+    flipped = dict(res.g, nonnegative=np.bool_(False))  # numpy bool, as the default prior
+    with pytest.raises(ValueError, match=r"fitted with nonnegative=False but this prior has"):
+        cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=flipped, fix_g=True)
+    with pytest.raises(TypeError, match=r"g_init\['nonnegative'\] must be True or False"):
+        cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=dict(res.g, nonnegative="yes"))
+
+
+@pytest.mark.parametrize("family", ["emdn", "spiked_emdn"])
+def test_emdn_g_init_or_state_of_another_n_components_is_refused(family, small_fits):
+    """A g_init (or state) of n_components=3 given to an n_components=5 prior had its
+    network's outputs truncated or padded (logits read as means, means as log sds): a
+    garbage prior. Refused, naming the argument and both values; n_components=3 takes it."""
+    prior, x, cov, res = small_fits[family]
+    five = get_prior(family, max_iter=5)
+    with pytest.raises(
+        ValueError, match=r"g_init was fitted with n_components=3 but this prior has n_compon"
+    ):
+        cebmf.ebnm(x, 1.0, five, covariates=cov, g_init=res.g, fix_g=True)
+    n_out = 9 + (family == "spiked_emdn")
+    with pytest.raises(
+        ValueError,
+        match=rf"state\['network'\] has {n_out} outputs, those of n_components=3, but this "
+        r"prior has n_components=5",
+    ):
+        cebmf.ebnm(x, 1.0, five, covariates=cov, state=res.state)
+    same = cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=res.g, fix_g=True)
+    assert same.loglik == res.loglik
+
+
+def test_cash_g_init_with_a_grid_of_another_size_than_its_network_is_refused(small_fits):
+    """One network output per grid scale: a g_init whose grid lost a scale had its output
+    layer truncated silently. (A warm state on data that grow the grid still pads the
+    saved network: see test_cash_warm_starts_its_plain_mixture_on_the_current_grid.)"""
+    prior, x, cov, res = small_fits["cash"]
+    short = dict(res.g, scale=res.g["scale"][:-1])
+    k = res.g["scale"].size
+    with pytest.raises(
+        ValueError,
+        match=rf"g_init\['network'\] has {k} outputs but g_init\['scale'\] has {k - 1} scales",
+    ):
+        cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=short, fix_g=True)
+
+
+@pytest.mark.parametrize(
+    "key, missing",
+    [
+        ("cash", "network"),
+        ("cash", "covariate_stats"),
+        ("cash", "scale"),
+        ("cash", "nonnegative"),
+        ("cgb", "network"),
+        ("cgb", "mu"),
+        ("cgb", "scale"),
+        ("cgb", "unit"),
+        ("emdn", "covariate_stats"),
+        ("emdn", "log_sd_bounds"),
+        ("spiked_emdn", "n_components"),
+    ],
+)
+def test_covariate_g_init_without_a_key_names_it(key, missing, small_fits):
+    """A covariate prior's g_init lacking an entry the fit reads used to be accepted (no
+    network: the posteriors of a freshly fitted plain prior; no covariate_stats: the
+    covariates standardised on the new data, ...): refused as for the plain families."""
+    prior, x, cov, res = small_fits[key]
+    g = {k: v for k, v in res.g.items() if k != missing}
+    with pytest.raises(ValueError, match=rf"g_init lacks the key\(s\) \['{missing}'\]"):
+        cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=g, fix_g=True)
+
+
+def _edited(g: dict, path: tuple, value) -> dict:
+    """A deep copy of ``g`` with the entry at ``path`` (keys, then an array index) set."""
+    import copy
+
+    g = copy.deepcopy(g)
+    *keys, last = path
+    target = g
+    for k in keys:
+        target = target[k]
+    target[last] = value
+    return g
+
+
+@pytest.mark.parametrize(
+    "key, path, value, match",
+    [
+        (
+            "cash",
+            ("network", "out.bias", 0),
+            np.nan,
+            r"g_init\['network'\]\['out.bias'\] must be fin",
+        ),
+        ("cgb", ("network", "hidden.0.weight", 0), np.inf, r"\['hidden.0.weight'\] must be finite"),
+        ("emdn", ("network", "out.bias", 2), np.nan, r"g_init\['network'\]\['out.bias'\] must be"),
+        ("cash", ("scale", 1), -1.0, r"g_init\['scale'\] must be >= 0"),
+        ("cgb", ("scale",), -1.0, r"g_init\['scale'\] must be a finite number > 0, got -1.0"),
+        ("cgb", ("mu",), np.nan, r"g_init\['mu'\] must be a finite number, got nan"),
+        ("cgb", ("unit",), 0.0, r"g_init\['unit'\] must be a finite number > 0"),
+        ("cash", ("covariate_stats", "sd", 0), 0.0, r"\['covariate_stats'\]\['sd'\] must be > 0"),
+        ("emdn", ("log_sd_bounds",), np.array([1.0, -1.0]), r"\['log_sd_bounds'\] must be two"),
+    ],
+)
+def test_covariate_g_init_with_an_invalid_value_names_it(key, path, value, match, small_fits):
+    """Invalid values in a covariate prior's g_init (a NaN network weight gave loglik NaN
+    silently; a negative grid scale or slab sd was accepted) are refused before any
+    computation, naming the entry."""
+    prior, x, cov, res = small_fits[key]
+    with pytest.raises(ValueError, match=match):
+        cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=_edited(res.g, path, value), fix_g=True)
+
+
+def test_cgb_g_init_slab_is_its_mu_and_scale(small_fits):
+    """``g["mu"]`` and ``g["scale"]`` (documented, returned by prior_parameters) define the
+    slab of a cgb g_init; ``g["extra"]`` (the same parameters as the fit holds them) is
+    used only while it agrees with them. An edited scale or mu used to be ignored: the
+    log-likelihood under fix_g is checked against the prior evaluated here with scipy."""
+    prior, x, cov, res = small_fits["cgb"]
+    pi0 = prior.prior_parameters(res.g, cov)["pi0"]
+
+    def loglik(mu, sd):
+        slab = stats.norm.logpdf(x, mu, math.sqrt(1.0 + sd * sd))
+        return special.logsumexp(
+            np.c_[np.log(pi0) + stats.norm.logpdf(x), np.log1p(-pi0) + slab], axis=1
+        ).sum()
+
+    same = cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=res.g, fix_g=True)
+    assert same.loglik == res.loglik  # the saved g, reused exactly
+    assert res.loglik == pytest.approx(loglik(res.g["mu"], res.g["scale"]), rel=1e-6)
+    for edit in ({"scale": 3.0 * res.g["scale"]}, {"mu": res.g["mu"] + 1.5}, {"extra": {}}):
+        g = dict(res.g, **edit)
+        fixed = cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=g, fix_g=True)
+        assert fixed.loglik == pytest.approx(loglik(g["mu"], g["scale"]), rel=1e-9)
+    # an edited extra alone (the internal copy) does not change the prior
+    g = dict(res.g, extra={"mu": 5.0, "log_sd": 2.0})
+    fixed = cebmf.ebnm(x, 1.0, prior, covariates=cov, g_init=g, fix_g=True)
+    assert fixed.loglik == res.loglik
+
+
+def test_g_init_or_state_of_other_hidden_layers_is_refused(small_fits):
+    """A g_init or state whose network has other hidden layers crashed with a bare
+    KeyError 'hidden.0.weight' (or blamed the covariates): refused, naming the argument
+    and both architectures, whether g_init records `hidden` or not."""
+    deep, x, cov, res = small_fits["cash"]
+    _, _, _, lin = small_fits["cash_linear"]
+    linear = get_prior("cash", hidden_layers=0, max_iter=5)
+    with pytest.raises(
+        ValueError, match=r"g_init was fitted with hidden=\(16,\) but this prior has hidden=\(\)"
+    ):
+        cebmf.ebnm(x, 1.0, linear, covariates=cov, g_init=res.g, fix_g=True)
+    without = {k: v for k, v in res.g.items() if k != "hidden"}
+    with pytest.raises(
+        ValueError, match=r"g_init\['network'\] has hidden layers \(16,\) but this prior has hid"
+    ):
+        cebmf.ebnm(x, 1.0, linear, covariates=cov, g_init=without, fix_g=True)
+    with pytest.raises(
+        ValueError, match=r"state\['network'\] has hidden layers \(16,\) but this prior has hidd"
+    ):
+        cebmf.ebnm(x, 1.0, linear, covariates=cov, state=res.state)
+    with pytest.raises(
+        ValueError, match=r"g_init was fitted with hidden=\(\) but this prior has hidden=\(16,\)"
+    ):
+        cebmf.ebnm(x, 1.0, deep, covariates=cov, g_init=lin.g, fix_g=True)
+    with pytest.raises(ValueError, match=r"state\['network'\] has hidden layers \(\) but"):
+        cebmf.ebnm(x, 1.0, deep, covariates=cov, state=lin.state)
+
+
+@pytest.mark.parametrize("key", ["cash", "cgb", "spiked_emdn"])
+def test_prior_parameters_check_their_covariates(key, small_fits):
+    """prior_parameters / network_outputs took covariates of another width (a torch
+    IndexError about a 'mask') and NaN covariates (NaN weights, silently): refused as
+    fix_g refuses them, naming g / covariates."""
+    prior, _, cov, res = small_fits[key]
+    with pytest.raises(ValueError, match=r"g was fitted to 3 covariates, but 2 are given"):
+        prior.prior_parameters(res.g, cov[:, :2])
+    with pytest.raises(ValueError, match=r"g was fitted to 3 covariates, but 4 are given"):
+        prior.network_outputs(res.g, np.c_[cov, cov[:, :1]])
+    bad = cov[:5].copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"covariates contains 1 non-finite value"):
+        prior.prior_parameters(res.g, bad)
+    # the same values from any array type
+    np.testing.assert_array_equal(
+        prior.network_outputs(res.g, torch.tensor(cov[:5], dtype=torch.float32)).numpy(),
+        prior.network_outputs(res.g, cov[:5].astype(np.float32)).numpy(),
+    )

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from .._math import exp_flushed, logsumexp_rows
-from .._validation import check_count, check_positive, resolve_seed, tensor_view
+from .._validation import (
+    check_count,
+    check_positive,
+    covariate_matrix,
+    real_array,
+    resolve_seed,
+)
 from ._posterior import chunked, combine
 from .base import EBNMResult, Prior
 
@@ -132,6 +138,86 @@ def _fits(weights: dict, d: int) -> bool:
     return first is not None and np.asarray(first).shape[1] == d
 
 
+def _network_layout(weights: Any, name: str) -> tuple[int, tuple[int, ...], int]:
+    """``(inputs, hidden widths, outputs)`` of saved network weights (``name`` in messages:
+    e.g. ``"g_init['network']"``), or a clear error unless they are the finite weights of
+    a :class:`CovariateNet` (layers ``hidden.0`` ... and ``out``, of matching shapes)."""
+    if not isinstance(weights, dict):
+        raise TypeError(
+            f"{name} must be the dict of network weights of an earlier fit, got "
+            f"{type(weights).__name__}."
+        )
+    n_hidden = 0
+    while f"hidden.{n_hidden}.weight" in weights:
+        n_hidden += 1
+    layers = [f"hidden.{i}" for i in range(n_hidden)] + ["out"]
+    expected = {f"{layer}.{p}" for layer in layers for p in ("weight", "bias")}
+    if set(weights) != expected:
+        missing = sorted(expected - set(weights))
+        unknown = sorted(set(weights) - expected)
+        raise ValueError(
+            f"{name} is not the network of a covariate prior (missing {missing}, "
+            f"unexpected {unknown}); pass the network of an earlier fit unmodified."
+        )
+    sizes: list[int] = []
+    for layer in layers:
+        w = real_array(weights[f"{layer}.weight"], f"{name}['{layer}.weight']")
+        b = real_array(weights[f"{layer}.bias"], f"{name}['{layer}.bias']")
+        if w.ndim != 2 or b.shape != (w.shape[0],) or (sizes and w.shape[1] != sizes[-1]):
+            after = f" after a layer of width {sizes[-1]}" if len(sizes) > 1 else ""
+            raise ValueError(
+                f"{name} has layers of mismatched shapes ({layer}.weight {w.shape}, "
+                f"{layer}.bias {b.shape}{after}); pass the network of an earlier fit "
+                "unmodified."
+            )
+        for key, arr in ((f"{layer}.weight", w), (f"{layer}.bias", b)):
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if bad:
+                raise ValueError(
+                    f"{name}[{key!r}] must be finite, got {bad} NaN or infinite value(s); "
+                    "pass the network of an earlier fit."
+                )
+        if not sizes:
+            sizes.append(w.shape[1])
+        sizes.append(w.shape[0])
+    return sizes[0], tuple(sizes[1:-1]), sizes[-1]
+
+
+def _kept_covariates(stats: Any, name: str) -> int:
+    """The number of columns that saved covariate standardisation (``covariate_stats``:
+    ``mean``, ``sd``, ``keep``; ``name`` in messages) keeps, or a clear error unless it
+    holds one finite mean, one finite sd (> 0 where kept) and one boolean per column."""
+    if not isinstance(stats, dict) or not {"mean", "sd", "keep"} <= set(stats):
+        raise ValueError(
+            f"{name} must be the covariate standardisation of an earlier fit, a dict with "
+            f"'mean', 'sd' and 'keep', got {stats!r}."
+        )
+    keep = np.asarray(stats["keep"])
+    if keep.ndim != 1 or keep.dtype != np.bool_:
+        raise TypeError(f"{name}['keep'] must be a 1-D boolean array, got {stats['keep']!r}.")
+    for key in ("mean", "sd"):
+        arr = real_array(stats[key], f"{name}[{key!r}]")
+        if arr.shape != keep.shape or not np.all(np.isfinite(arr)):
+            raise ValueError(
+                f"{name}[{key!r}] must hold one finite value per covariate ({keep.size}), "
+                f"got {stats[key]!r}."
+            )
+        if key == "sd" and not np.all(arr[keep] > 0):
+            raise ValueError(f"{name}['sd'] must be > 0 for kept covariates, got {stats[key]!r}.")
+    return int(keep.sum())
+
+
+def _check_covariate_count(stats: dict, d: int, argname: str) -> None:
+    """A clear error unless covariates of ``d`` columns are those that the prior ``argname``
+    (its ``covariate_stats``) was fitted to."""
+    d_fit = np.asarray(stats["keep"]).size
+    if d_fit != d:
+        raise ValueError(
+            f"{argname} was fitted to {d_fit} covariates, but {d} are given; pass covariates "
+            f"with the {d_fit} columns it was fitted to, in the same order."
+        )
+
+
 def _load_network(net: CovariateNet, weights: dict, positions: np.ndarray | None = None) -> None:
     """Load saved weights into ``net``, whose output layer may have more rows (components
     added to a grid since). ``positions[i]`` is the new row of saved output row i (default:
@@ -139,6 +225,11 @@ def _load_network(net: CovariateNet, weights: dict, positions: np.ndarray | None
     lowered by 40 (a logit 40 below an existing one for every covariate value, i.e. a prior
     weight below e^-40)."""
     ref = net.state_dict()
+    if set(weights) != set(ref):
+        raise ValueError(
+            f"the saved network has the layers {sorted(weights)}, but this prior's network "
+            f"has {sorted(ref)}: the hidden layers differ."
+        )
     new = {}
     for key, value in weights.items():
         v = torch.as_tensor(np.asarray(value), dtype=ref[key].dtype, device=ref[key].device)
@@ -187,6 +278,9 @@ class CovariatePrior(Prior):
     """
 
     uses_covariates = True
+    #: ``unit`` (the units the network works in) only where :attr:`normalise_units`
+    g_keys = ("network", "covariate_stats", "unit")
+    g_options = ("hidden",)
     #: Fit on (x - mode) / u and s / u for a data scale u (kept in ``g["unit"]`` and the
     #: state, so that warm starts keep the network's units): families whose network or
     #: global parameters carry the data's units (means, sds) are then equivariant under a
@@ -257,6 +351,54 @@ class CovariatePrior(Prior):
     def _g_entries(self, out, extra, setup) -> dict[str, Any]:
         """Family-specific entries of the fitted ``g``."""
 
+    @abstractmethod
+    def _check_outputs(self, n_out: int, saved: dict, argname: str) -> None:
+        """A clear error unless ``n_out`` (the number of outputs of the network of a saved
+        ``g`` or ``state`` of this family, ``argname``) is what this prior's network has
+        for it (e.g. one per grid scale)."""
+
+    def _check_g_entries(self, g: dict[str, Any], argname: str) -> None:
+        """The values that a fit reads from a ``g`` of this family: finite network weights
+        of this prior's architecture (:attr:`hidden`) and outputs (:meth:`_check_outputs`)
+        whose inputs are the covariates that ``covariate_stats`` keeps, and a finite
+        positive ``unit`` (where the family keeps one); subclasses add their entries."""
+        name = f"{argname}['network']"
+        d_in, hidden, n_out = _network_layout(g["network"], name)
+        self._check_hidden(hidden, name, argname)
+        self._check_outputs(n_out, g, argname)
+        d_kept = _kept_covariates(g["covariate_stats"], f"{argname}['covariate_stats']")
+        if d_in != d_kept:
+            raise ValueError(
+                f"{name} takes {d_in} inputs but {argname}['covariate_stats'] keeps "
+                f"{d_kept} covariate column(s); pass the g of an earlier fit unmodified."
+            )
+        if "unit" in g:
+            unit = real_array(g["unit"], f"{argname}['unit']")
+            if unit.size != 1 or not (np.isfinite(unit) & (unit > 0)).all():
+                raise ValueError(
+                    f"{argname}['unit'] must be a finite number > 0, got {g['unit']!r}."
+                )
+
+    def _check_hidden(self, hidden: tuple[int, ...], where: str, argname: str) -> None:
+        """A clear error unless a saved network's hidden layer widths (of ``where``, e.g.
+        ``"state['network']"``) are this prior's."""
+        if hidden != self.hidden:
+            raise ValueError(
+                f"{where} has hidden layers {hidden} but this prior has hidden={self.hidden}; "
+                f"pass a prior with hidden={hidden} (hidden=() for none), or a {argname} "
+                f"fitted with hidden={self.hidden}."
+            )
+
+    def _check_state(self, state: Any) -> None:
+        """As :meth:`Prior._check_state`, and a saved network must be finite, of this
+        prior's architecture and outputs (its covariates may differ: then the call starts
+        cold, e.g. self covariates after the number of factors changed)."""
+        super()._check_state(state)
+        if "network" in state:
+            _, hidden, n_out = _network_layout(state["network"], "state['network']")
+            self._check_hidden(hidden, "state['network']", "state")
+            self._check_outputs(n_out, state, "state")
+
     def _extra_init(self, setup: dict, start: dict) -> dict[str, torch.Tensor]:
         """Global (non-network) parameters, as tensors to optimise."""
         return {}
@@ -306,7 +448,7 @@ class CovariatePrior(Prior):
         xs = x - self.mode if self.mode != 0.0 else x
         unit = 1.0
         if self.normalise_units:
-            if g_init is not None and "unit" in g_init:
+            if g_init is not None:
                 g_init = self._g_from_data_units(dict(g_init), float(np.asarray(g_init["unit"])))
             unit = self._unit(xs, s, g_init if g_init is not None else state)
             if g_init is None and state is not None and "unit" in state and not fix_g:
@@ -322,12 +464,9 @@ class CovariatePrior(Prior):
                 xs, s = xs / unit, s / unit
         warm = g_init if g_init is not None else state
         saved = None if warm is None else warm.get("covariate_stats")
-        if saved is not None and np.asarray(saved["keep"]).size != cov.shape[1]:
-            if g_init is not None:
-                raise ValueError(
-                    f"g_init was fitted to {np.asarray(saved['keep']).size} covariates, "
-                    f"but {cov.shape[1]} are given."
-                )
+        if g_init is not None:
+            _check_covariate_count(saved, cov.shape[1], "g_init")
+        elif saved is not None and np.asarray(saved["keep"]).size != cov.shape[1]:
             warm = None  # e.g. self covariates after the number of factors changed
         setup = self._setup(xs, s, warm, g_init)
         z, stats = standardize(cov, None if warm is None else warm.get("covariate_stats"))
@@ -446,11 +585,32 @@ class CovariatePrior(Prior):
         return net, cands[best][1], best == 2, lls[0]
 
     def network_outputs(self, g: dict, covariates) -> torch.Tensor:
-        """Raw network outputs (n, outputs) of a fitted ``g`` at the given covariates."""
+        """Raw network outputs of a fitted prior at the given covariates.
+
+        Parameters
+        ----------
+        g
+            A fitted prior of this family (``result.g``), checked as a ``g_init`` is.
+        covariates
+            (n, d) covariates (1-D: one covariate), finite, with the columns ``g`` was
+            fitted to.
+
+        Returns
+        -------
+        torch.Tensor
+            (n, outputs) float64 outputs, on the CPU.
+        """
         self.check_g(g, "g")
-        cov = tensor_view(np.asarray(covariates, dtype=np.float64))
-        if cov.ndim == 1:
-            cov = cov[:, None]
+        shape = np.shape(covariates)
+        cov = covariate_matrix(
+            covariates,
+            shape[0] if shape else 1,  # a scalar: one observation of one covariate
+            "covariates",
+            "observation",
+            torch.float64,
+            torch.device("cpu"),
+        )
+        _check_covariate_count(g["covariate_stats"], cov.shape[1], "g")
         z, _ = standardize(cov, g["covariate_stats"])
         weights = g["network"]
         n_out = np.asarray(weights["out.bias"]).shape[0]

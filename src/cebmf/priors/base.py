@@ -92,6 +92,10 @@ class Prior(ABC):
     uses_covariates: ClassVar[bool] = False
     #: Keys (besides ``family`` and ``mode``) that a ``g`` of this family must hold.
     g_keys: ClassVar[tuple[str, ...]] = ()
+    #: Constructor options that a ``g`` of this family records under their own names (e.g.
+    #: ``nonnegative``): :meth:`check_g` refuses a ``g`` whose recorded value differs from
+    #: the instance's, as it refuses another family or mode.
+    g_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, mode: float = 0.0) -> None:
         self.mode = check_mode(mode)
@@ -137,6 +141,8 @@ class Prior(ABC):
         g_init
             A fitted prior (``result.g``) of this family: the starting point, or with
             ``fix_g=True`` the prior under which posteriors are computed without refitting.
+            Its mode and the options it records (:attr:`g_options`, e.g. ``nonnegative``)
+            must be this prior's (see :meth:`check_g`).
         fix_g
             Do not fit; requires ``g_init``.
         lfsr
@@ -208,8 +214,18 @@ class Prior(ABC):
     ) -> EBNMResult: ...
 
     def check_g(self, g: dict[str, Any], argname: str = "g") -> None:
-        """Raise a clear error unless ``g`` is a fitted prior of this family with this mode,
-        holding the family's keys (:attr:`g_keys`) with valid values."""
+        """Raise a clear error unless ``g`` is a fitted prior of this family with this mode
+        and the options it records (:attr:`g_options`), holding the family's keys
+        (:attr:`g_keys`) with valid values (:meth:`_check_g_entries`).
+
+        Parameters
+        ----------
+        g
+            A fitted prior (``result.g``), possibly read back from an ``.h5ad`` file (tuples
+            as arrays, numpy scalars).
+        argname
+            The argument's name in the messages (``"g_init"``, ``"g"``).
+        """
         if not isinstance(g, dict) or "family" not in g:
             raise TypeError(
                 f"{argname} must be the `g` dict of an earlier fit (with a 'family' key), "
@@ -232,17 +248,55 @@ class Prior(ABC):
                 f"{argname} lacks the key(s) {missing} of a {self.name!r} prior (it has "
                 f"{sorted(g)}); pass the `g` of an earlier fit of this family."
             )
-        if not self.uses_covariates:
-            _check_g_values(g, argname)
+        for key in self.g_options:
+            if key not in g:
+                continue
+            mine = getattr(self, key)
+            recorded = _recorded_option(g[key], mine, f"{argname}[{key!r}]")
+            if recorded != mine:
+                raise ValueError(
+                    f"{argname} was fitted with {key}={recorded!r} but this prior has "
+                    f"{key}={mine!r}; pass a prior with {key}={recorded!r}, e.g. "
+                    f"get_prior({self.name!r}, {key}={recorded!r}), or a {argname} fitted "
+                    f"with {key}={mine!r}."
+                )
+        self._check_g_entries(g, argname)
+
+    def _check_g_entries(self, g: dict[str, Any], argname: str) -> None:
+        """Clear errors for invalid values in ``g`` (its keys are present): by default the
+        standard entries of :func:`_check_g_values`."""
+        _check_g_values(g, argname)
 
 
-def _check_g_values(g: dict[str, Any], argname: str) -> None:
-    """Clear errors for a plain family's standard entries of ``g`` that are present:
-    ``pi0`` in [0, 1], ``mu`` > 0 and ``scale`` >= 0 finite reals; a mixture's ``pi``
-    finite non-negative weights with a positive sum, one per ``scale``."""
-    entries = {
-        k: real_array(g[k], f"{argname}[{k!r}]") for k in ("pi0", "mu", "scale", "pi") if k in g
-    }
+def _recorded_option(value: Any, mine: Any, name: str) -> Any:
+    """The value of an option recorded in a ``g`` (``name`` in messages), of the type of
+    the instance's value ``mine``: a bool, an integer, or a tuple of integers (numpy
+    scalars and arrays, as a ``g`` read back from an ``.h5ad`` file holds them, are
+    accepted)."""
+    arr = np.asarray(value)
+    if isinstance(mine, bool):
+        if arr.shape != () or arr.dtype != np.bool_:
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+        return bool(arr)
+    if isinstance(mine, tuple):
+        arr = np.atleast_1d(arr)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"{name} must be a sequence of integers, got {value!r}.")
+        return tuple(int(v) for v in arr)
+    if isinstance(mine, int):
+        if arr.shape != () or arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an integer, got {value!r}.")
+        return int(arr)
+    return value
+
+
+def _check_g_values(
+    g: dict[str, Any], argname: str, keys: tuple[str, ...] = ("pi0", "mu", "scale", "pi")
+) -> None:
+    """Clear errors for a plain family's standard entries of ``g`` that are present (of
+    those in ``keys``): ``pi0`` in [0, 1], ``mu`` > 0 and ``scale`` >= 0 finite reals; a
+    mixture's ``pi`` finite non-negative weights with a positive sum, one per ``scale``."""
+    entries = {k: real_array(g[k], f"{argname}[{k!r}]") for k in keys if k in g}
     for key, arr in entries.items():
         name = f"{argname}[{key!r}]"
         if arr.size == 0 or not np.all(np.isfinite(arr)):

@@ -16,7 +16,7 @@ from .._math import exp_flushed
 from .._validation import check_flags
 from ._covariates import CovariatePrior
 from ._mixsqp import mixsqp
-from .base import register_prior
+from .base import _check_g_values, register_prior
 from .nonnegative_mixture import NonnegativeMixture
 from .scale_mixture import NormalScaleMixture
 
@@ -43,6 +43,8 @@ class Cash(CovariatePrior):
 
     name = "cash"
     normalise_units = False  # logits on a data-scaled grid: already unit-free
+    g_keys = ("network", "covariate_stats", "scale", "nonnegative")  # no unit
+    g_options = (*CovariatePrior.g_options, "nonnegative")
 
     def __init__(
         self,
@@ -68,6 +70,27 @@ class Cash(CovariatePrior):
     def kl_target(self) -> float | None:
         """The grid's KL target option (kept by the plain mixture behind the grid)."""
         return self.base.kl_target
+
+    def _check_g_entries(self, g, argname):
+        # the grid first: the network has one output per scale
+        scale = np.asarray(g["scale"])
+        if scale.ndim != 1:
+            raise ValueError(
+                f"{argname}['scale'] must be the 1-D grid of scales, got shape {scale.shape}."
+            )
+        _check_g_values(g, argname, ("scale",))
+        super()._check_g_entries(g, argname)
+
+    def _check_outputs(self, n_out, saved, argname):
+        if "scale" not in saved:
+            return
+        n_scales = np.asarray(saved["scale"]).size
+        if n_out != n_scales:
+            raise ValueError(
+                f"{argname}['network'] has {n_out} outputs but {argname}['scale'] has "
+                f"{n_scales} scales (one output per scale); pass the {argname} of an "
+                "earlier cash fit unmodified."
+            )
 
     def _setup(self, x, s, warm, g_init):
         saved_rows = None

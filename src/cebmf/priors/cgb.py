@@ -10,6 +10,7 @@ m = (x sigma^2 + mu s^2) / (sigma^2 + s^2), v = sigma^2 s^2 / (sigma^2 + s^2).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from .._math import (
     truncnorm_moments,
     truncnorm_sign_probs,
 )
-from .._validation import check_flags
+from .._validation import check_flags, real_array
 from ._covariates import CovariatePrior
 from .base import register_prior
 from .generalized_binary import GeneralizedBinary
@@ -39,14 +40,37 @@ class Cgb(CovariatePrior):
     ``g`` holds ``pi0`` (per observation), ``mu``, ``scale`` (sigma), the network weights
     and the covariate standardisation. A cold fit starts from ``point_normal`` (or
     ``generalized_binary`` when nonnegative).
+
+    As a ``g_init``, ``g["mu"]`` and ``g["scale"]`` (in the data's units) define the slab;
+    ``g["extra"]`` keeps the same two parameters as the fit holds them (in its units
+    ``g["unit"]``: ``mu``, ``log_sd``), exactly, and is used only while it agrees with them
+    (so a saved prior is reused bit for bit, and an edited ``mu`` or ``scale`` is honoured).
     """
 
     name = "cgb"
+    g_keys = (*CovariatePrior.g_keys, "mu", "scale", "nonnegative")
+    g_options = (*CovariatePrior.g_options, "nonnegative")
 
     def __init__(self, mode: float = 0.0, *, nonnegative: bool = False, **network) -> None:
         super().__init__(mode, **network)
         check_flags(nonnegative=nonnegative)
         self.nonnegative = bool(nonnegative)
+
+    def _check_outputs(self, n_out, saved, argname):
+        if n_out != 1:
+            raise ValueError(
+                f"{argname}['network'] has {n_out} outputs but a cgb network has one (the "
+                f"logit of 1 - pi0); pass the {argname} of an earlier cgb fit unmodified."
+            )
+
+    def _check_g_entries(self, g, argname):
+        super()._check_g_entries(g, argname)
+        for key in ("mu", "scale"):
+            arr = real_array(g[key], f"{argname}[{key!r}]")
+            bad = arr.size != 1 or not np.isfinite(arr).all()
+            if bad or (key == "scale" and bool((arr <= 0).any())):
+                kind = "a finite number > 0" if key == "scale" else "a finite number"
+                raise ValueError(f"{argname}[{key!r}] must be {kind}, got {g[key]!r}.")
 
     def _setup(self, x, s, warm, g_init):
         return {"l0_nk": log_normal_pdf(x, s * s)}
@@ -128,11 +152,36 @@ class Cgb(CovariatePrior):
 
     def _g_from_data_units(self, g, unit):
         g = dict(g)
-        g["mu"] = float(g["mu"]) / unit
-        g["scale"] = float(g["scale"]) / unit
+        g["mu"] = float(np.asarray(g["mu"])) / unit
+        g["scale"] = float(np.asarray(g["scale"])) / unit
+        if not _extra_agrees(g.get("extra"), g["mu"], g["scale"]):
+            # mu and scale define the prior (documented, and what prior_parameters returns)
+            g["extra"] = {"mu": g["mu"], "log_sd": math.log(g["scale"])}
         return g
 
     def prior_parameters(self, g: dict, covariates) -> dict:
         """The prior of each observation: ``pi0`` (n,), and the global ``mu``, ``scale``."""
         a = self.network_outputs(g, covariates)[:, 0].clamp(-_LOGIT_BOUND, _LOGIT_BOUND)
         return {"pi0": torch.sigmoid(-a).numpy(), "mu": g["mu"], "scale": g["scale"]}
+
+
+#: ``g["extra"]`` agrees with ``g["mu"]`` and ``g["scale"]`` within this relative error (the
+#: rounding of a float32 fit's exp(log_sd) and of the change of units).
+_EXTRA_RTOL = 1e-6
+
+
+def _extra_agrees(extra: Any, mu: float, sd: float) -> bool:
+    """Whether a saved ``g["extra"]`` (``mu``, ``log_sd`` as the fit holds them) is the slab
+    N(mu, sd^2) (both in the fit's units), to rounding."""
+    if not isinstance(extra, dict) or not {"mu", "log_sd"} <= set(extra):
+        return False
+    try:
+        e_mu, e_log_sd = (float(np.asarray(extra[k], dtype=np.float64)) for k in ("mu", "log_sd"))
+    except (TypeError, ValueError):
+        return False
+    if not (math.isfinite(e_mu) and math.isfinite(e_log_sd)):
+        return False
+    return (
+        abs(e_mu - mu) <= _EXTRA_RTOL * (abs(mu) + sd)
+        and abs(math.exp(e_log_sd) - sd) <= _EXTRA_RTOL * sd
+    )

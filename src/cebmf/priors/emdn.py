@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._math import log_normal_pdf, normal_sign_probs
-from .._validation import check_count
+from .._validation import check_count, real_array
 from ._covariates import CovariatePrior
 from .base import register_prior
 from .scale_mixture import NormalScaleMixture
@@ -36,10 +36,34 @@ class Emdn(CovariatePrior):
 
     name = "emdn"
     spiked = False
+    g_keys = (*CovariatePrior.g_keys, "n_components", "log_sd_bounds")
+    g_options = (*CovariatePrior.g_options, "n_components")
 
     def __init__(self, mode: float = 0.0, *, n_components: int = 5, **network) -> None:
         super().__init__(mode, **network)
         self.n_components = check_count(n_components, "n_components")
+
+    def _check_outputs(self, n_out, saved, argname):
+        # per component a logit, a mean and a log sd (and the point mass's logit)
+        j = int(self.spiked)
+        if n_out != 3 * self.n_components + j:
+            k, rest = divmod(n_out - j, 3)
+            of = f", those of n_components={k}" if k > 0 and not rest else ""
+            raise ValueError(
+                f"{argname}['network'] has {n_out} outputs{of}, but this prior has "
+                f"n_components={self.n_components} ({3 * self.n_components + j} outputs); "
+                f"pass a prior with the {argname}'s n_components, or the {argname} of a "
+                f"fit with n_components={self.n_components}."
+            )
+
+    def _check_g_entries(self, g, argname):
+        super()._check_g_entries(g, argname)
+        bounds = real_array(g["log_sd_bounds"], f"{argname}['log_sd_bounds']")
+        if bounds.shape != (2,) or not (np.isfinite(bounds).all() and bounds[0] < bounds[1]):
+            raise ValueError(
+                f"{argname}['log_sd_bounds'] must be two finite numbers, lower < upper, got "
+                f"{g['log_sd_bounds']!r}."
+            )
 
     def _setup(self, x, s, warm, g_init):
         if warm is not None and "log_sd_bounds" in warm:
