@@ -749,6 +749,61 @@ def test_a_fixed_side_has_the_lfsr_of_a_known_value():
     assert np.all(res.L_sd[:, 0] == 0) and np.all(res.F_sd[:, 1] == 0)
 
 
+@pytest.mark.parametrize("kind", ["dense", "torch", "scipy", "scipy-float32"])
+def test_offset_sums_of_squares_do_not_cancel(kind):
+    """The sums of squares of Y - U V^T, against dense ones: columns whose mean is huge
+    against their spread (sd 1e-8 at mean 5; mean 1e7) used to come out of
+    sum Y^2 - 2 ... + ... wrong by up to 24%, or negative (the column was then refused),
+    with an ELBO far above its dense value; a fit now equals that of the dense matrix."""
+    from cebmf.data import OffsetData
+
+    rng = np.random.default_rng(3)
+    n, p = 300, 40
+    y = rng.normal(size=(n, p)) + np.outer(rng.normal(size=n), rng.normal(size=p))
+    y[:, 0] = 5.0 + 1e-8 * rng.normal(size=n)  # nearly constant: every entry stored
+    y[:, 1:4] += 1e7
+    y[rng.random((n, p)) < 0.3] = 0.0  # absent entries of a sparse base
+    y[:, 0] = 5.0 + 1e-8 * rng.normal(size=n)
+    means = y.mean(0)
+    u, v = np.ones((n, 1)), means[:, None]
+    centred = y - u @ v.T
+    if kind == "dense":
+        base = as_data_matrix(y, dtype=F64, device=torch.device("cpu"))
+    else:
+        m = sp.csr_matrix(y.astype(np.float32) if kind == "scipy-float32" else y)
+        if kind == "scipy-float32":
+            centred = m.toarray().astype(np.float64) - u @ v.T
+        base = as_data_matrix(
+            m, dtype=F64, device=torch.device("cpu"), sparse_backend=kind.split("-")[0]
+        )
+    data = OffsetData(base, torch.as_tensor(u), torch.as_tensor(v))
+    np.testing.assert_allclose(data.col_sq.numpy(), (centred**2).sum(0), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(data.row_sq.numpy(), (centred**2).sum(1), rtol=1e-9, atol=0)
+    if kind == "torch":
+        res = cebmf.fit_ebmf(data, max_factors=3, keep_ebnm_inputs=True)
+        ref_fit = cebmf.fit_ebmf(centred, max_factors=3)
+        assert res.n_factors == ref_fit.n_factors
+        assert res.elbo == pytest.approx(ref_fit.elbo, rel=1e-8)
+        assert res.elbo == pytest.approx(dense_elbo(centred, res), rel=1e-8)
+
+
+def test_offset_factors_are_checked_by_name():
+    from cebmf.data import OffsetData
+
+    base = as_data_matrix(np.ones((20, 8)), dtype=F64, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"U must have 20 rows .* got shape \(19, 1\)"):
+        OffsetData(base, torch.ones(19, 1), torch.ones(8, 1))
+    with pytest.raises(ValueError, match="U has 2 columns but V has 1"):
+        OffsetData(base, torch.ones(20, 2), torch.ones(8, 1))
+    with pytest.raises(ValueError, match=r"V contains 1 NaN or infinite value\(s\)"):
+        OffsetData(base, torch.ones(20, 1), torch.tensor([[np.nan]] + [[0.0]] * 7))
+    with pytest.raises(TypeError, match="U must be real numbers"):
+        OffsetData(base, torch.ones(20, 1, dtype=torch.bool), torch.ones(8, 1))
+    # vectors are one column each (they used to fail with "Dimension out of range")
+    one = OffsetData(base, torch.ones(20), torch.full((8,), 0.5))
+    np.testing.assert_allclose(one.col_sq.numpy(), np.full(8, 20 * 0.25))
+
+
 def _point_normal_lfsr(x, s, pi0, scale):
     """min(P(theta <= 0), P(theta >= 0)) under pi0 delta_0 + (1 - pi0) N(0, scale^2), by
     scipy (the spike counts on both sides)."""

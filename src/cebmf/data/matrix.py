@@ -211,6 +211,18 @@ class SparseData(DataMatrix):
     def is_sparse(self) -> bool:
         return True
 
+    def stored_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(indptr, indices, values)`` of the CSR of Y, as tensors on the device (views of
+        the arrays on the CPU; values float32 or float64 as stored)."""
+        if self.scipy is None:
+            return self.csr.crow_indices(), self.csr.col_indices(), self.csr.values()
+        m = self.scipy
+        return (
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices),
+            torch.from_numpy(m.data),
+        )
+
     def _block(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows start:stop with their values in float64 (views of indices)."""
         indptr = self.scipy.indptr
@@ -255,6 +267,84 @@ _BLOCK_NNZ = 1 << 21
 _DENSE_BLOCK = 1 << 22
 
 
+def _offset_factor(x, n: int, name: str, device: torch.device) -> torch.Tensor:
+    """``U`` (N x r) or ``V`` (P x r) of an offset as float64 on ``device`` (a 1-D vector is
+    one column), or a clear error for another shape or non-finite values."""
+    t = torch.as_tensor(x).detach()
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2 or t.shape[0] != n:
+        raise ValueError(
+            f"{name} must have {n} rows ({'N' if name == 'U' else 'P'} x r, or a vector of "
+            f"length {n}), got shape {tuple(t.shape)}."
+        )
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be real numbers, got dtype {t.dtype}.")
+    t = t.to(device=device, dtype=_F64)
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(
+            f"{name} contains {bad} NaN or infinite value(s); the offset must be finite."
+        )
+    return t
+
+
+def _offset_sums_of_squares(
+    base: DataMatrix, u: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of squares of ``Y - U V^T``, summed term by term (never as
+    ``sum Y^2 - 2 ... + ...``, which cancels where a column's mean is large against its
+    spread: a nearly constant column came out negative). Dense Y: row blocks of the
+    residual. Sparse Y: the stored entries' residuals in blocks, plus the absent entries'
+    ``(U_i V_j)^2`` as all of them minus the stored ones (exactly 0 for a line without
+    absent entries; otherwise the absent entries' terms dominate the rounding)."""
+    n, p = base.shape
+    if isinstance(base, DenseData):
+        row = torch.empty(n, dtype=_F64, device=base.device)
+        col = torch.zeros(p, dtype=_F64, device=base.device)
+        for start, stop, block in base._row_blocks():
+            r2 = (block - u[start:stop] @ v.T).square_()
+            row[start:stop] = r2.sum(1)
+            col += r2.sum(0)
+        return row, col
+    if isinstance(base, SparseData):
+        row = torch.zeros(n, dtype=_F64, device=base.device)
+        col = torch.zeros(p, dtype=_F64, device=base.device)
+        row_fit = torch.zeros(n, dtype=_F64, device=base.device)  # stored (U_i V_j)^2
+        col_fit = torch.zeros(p, dtype=_F64, device=base.device)
+        indptr, indices, values = base.stored_arrays()
+        counts = indptr[1:] - indptr[:-1]
+        for start, stop in row_blocks(indptr.cpu().numpy(), _OFFSET_BLOCK_NNZ):
+            a, b = int(indptr[start]), int(indptr[stop])
+            rows = torch.repeat_interleave(
+                torch.arange(start, stop, device=base.device), counts[start:stop]
+            )
+            cols = indices[a:b].long()
+            fit = (u.index_select(0, rows) * v.index_select(0, cols)).sum(1)
+            r2 = (values[a:b].to(_F64) - fit).square_()
+            fit2 = fit.square_()
+            row.index_add_(0, rows, r2)
+            col.index_add_(0, cols, r2)
+            row_fit.index_add_(0, rows, fit2)
+            col_fit.index_add_(0, cols, fit2)
+        all_row = ((u @ (v.T @ v)) * u).sum(1)
+        all_col = ((v @ (u.T @ u)) * v).sum(1)
+        col_counts = torch.zeros(p, dtype=torch.long, device=base.device)
+        col_counts.index_add_(0, indices.long(), torch.ones_like(indices, dtype=torch.long))
+        absent_row = torch.where(counts == p, 0.0, (all_row - row_fit).clamp_min(0.0))
+        absent_col = torch.where(col_counts == n, 0.0, (all_col - col_fit).clamp_min(0.0))
+        return row + absent_row, col + absent_col
+    # another operator (e.g. an offset of an offset): the closed form
+    ytu, yv = base.rmatmul(u), base.matmul(v)
+    row = base.row_sq - 2 * (yv * u).sum(1) + ((u @ (v.T @ v)) * u).sum(1)
+    col = base.col_sq - 2 * (ytu * v).sum(1) + ((v @ (u.T @ u)) * v).sum(1)
+    return row.clamp_min(0.0), col.clamp_min(0.0)
+
+
+#: Stored entries per block when the sums of squares of an offset are formed.
+_OFFSET_BLOCK_NNZ = 1 << 19
+
+
 class OffsetData(DataMatrix):
     """``Y - U V^T`` for a base matrix Y and an (N, r) / (P, r) pair, never materialised.
 
@@ -267,14 +357,14 @@ class OffsetData(DataMatrix):
             raise ValueError("an implicit offset needs data without missing entries.")
         self.base = base
         self.shape, self.dtype, self.device = base.shape, base.dtype, base.device
-        self.u = u.to(device=base.device, dtype=_F64)
-        self.v = v.to(device=base.device, dtype=_F64)
-        u64, v64 = self.u, self.v
-        ytu = base.rmatmul(self.u)  # (P, r)
-        yv = base.matmul(self.v)  # (N, r)
-        # sum_j (Y - U V^T)_ij^2 = rowsq_i - 2 (Y V)_i . U_i + U_i (V^T V) U_i^T
-        self.row_sq = base.row_sq - 2 * (yv * u64).sum(1) + ((u64 @ (v64.T @ v64)) * u64).sum(1)
-        self.col_sq = base.col_sq - 2 * (ytu * v64).sum(1) + ((v64 @ (u64.T @ u64)) * v64).sum(1)
+        self.u = _offset_factor(u, base.shape[0], "U", base.device)
+        self.v = _offset_factor(v, base.shape[1], "V", base.device)
+        if self.u.shape[1] != self.v.shape[1]:
+            raise ValueError(
+                f"U has {self.u.shape[1]} columns but V has {self.v.shape[1]}: the offset "
+                "U V^T needs the same number r of columns in both (N x r and P x r)."
+            )
+        self.row_sq, self.col_sq = _offset_sums_of_squares(base, self.u, self.v)
         self.n_obs_row, self.n_obs_col = base.n_obs_row, base.n_obs_col
 
     @property
