@@ -804,6 +804,63 @@ def test_offset_factors_are_checked_by_name():
     np.testing.assert_allclose(one.col_sq.numpy(), np.full(8, 20 * 0.25))
 
 
+def test_per_factor_prior_lists_count_learned_factors_only():
+    """The k-th entry serves the k-th learned factor: an intercept (tl.fit's
+    intercept=True) used to take entry 0, shifting the user's list by one."""
+    rng = np.random.default_rng(5)
+    n, p = 120, 40
+    y = 2.0 + np.outer(rng.exponential(size=n), rng.exponential(size=p)) + rng.normal(size=(n, p))
+    plain = cebmf.fit_ebmf(y - y.mean(0), prior_loadings=["point_exponential", "point_normal"])
+    fixed = cebmf.fit_ebmf(
+        y, fixed_loadings=np.ones(n), prior_loadings=["point_exponential", "point_normal"]
+    )
+    assert plain.priors[0]["loadings"]["family"] == "point_exponential"
+    assert fixed.fixed[0] == (True, False)
+    assert fixed.priors[1]["loadings"]["family"] == "point_exponential"
+    assert fixed.L[:, 1].min() >= 0
+
+
+def _mode_half_fit(y, init, **kw):
+    # a prior whose point mass sits at 0.5 cannot shrink a factor to exactly zero: only the
+    # nullcheck can remove one
+    pri = get_prior("point_normal", mode=0.5)
+    return cebmf.fit_ebmf(y, init=init, prior_loadings=pri, prior_factors=pri, greedy=False, **kw)
+
+
+def test_a_nullcheck_drop_without_budget_to_backfit_is_not_converged(caplog):
+    """After the nullcheck drops a factor the backfit runs again; when the budget leaves no
+    sweep for it, the fit has not converged (it used to report the backfit before the drop
+    as "converged", 0.87 nats below the converged fit)."""
+    rng = np.random.default_rng(2)
+    n, p = 100, 40
+    lo, fa = rng.normal(size=(n, 2)), rng.normal(size=(p, 2))
+    y = lo @ fa.T + rng.normal(size=(n, p))
+    init = (np.c_[lo, np.ones(n)], np.c_[fa, np.ones(p) * 0.3])
+    with caplog.at_level(logging.INFO, logger="cebmf"):
+        full = _mode_half_fit(y, init)
+    assert full.converged and full.n_factors == 2
+    events = [
+        m for m in caplog.messages if m.startswith("backfit sweep") or m.startswith("nullcheck")
+    ]
+    first_drop = next(i for i, m in enumerate(events) if m.startswith("nullcheck"))
+    # the sweeps run when the nullcheck dropped the junk factor (a kept rotation counts one)
+    budget = full.n_iter - (len(events) - 1) + first_drop
+    assert 0 < budget < full.n_iter
+    res = _mode_half_fit(y, init, max_iter=budget)
+    assert res.n_factors == 2 and res.n_iter == budget
+    assert not res.converged and res.stop_reason == "max_iter"
+    assert full.elbo - res.elbo > 10 * n * p * np.sqrt(np.finfo(float).eps)
+
+
+@pytest.mark.parametrize(("backfit", "max_iter"), [(True, 3), (True, 500), (False, 500)])
+def test_a_fit_whose_nullcheck_removes_every_factor_says_no_factors_left(backfit, max_iter):
+    y = np.random.default_rng(0).normal(size=(100, 40))
+    init = (np.ones((100, 1)), 0.3 * np.ones((40, 1)))
+    res = _mode_half_fit(y, init, backfit=backfit, max_iter=max_iter)
+    assert res.n_factors == 0
+    assert res.converged and res.stop_reason == "no factors left"
+
+
 def _point_normal_lfsr(x, s, pi0, scale):
     """min(P(theta <= 0), P(theta >= 0)) under pi0 delta_0 + (1 - pi0) N(0, scale^2), by
     scipy (the spike counts on both sides)."""

@@ -208,8 +208,9 @@ def fit_ebmf(
     max_factors
         Upper bound on the number of factors added greedily (capped at min(N, P)).
     prior_loadings, prior_factors
-        Prior family name or :class:`~cebmf.priors.Prior`, or a sequence giving factor k
-        its k-th entry (the last entry serves every later factor).
+        Prior family name or :class:`~cebmf.priors.Prior`, or a sequence giving the k-th
+        learned factor (``init`` columns first, then greedy additions; fixed factors do not
+        count) its k-th entry (the last entry serves every later factor).
     noise
         ``"column"`` (default: one variance per gene), ``"row"`` or ``"constant"``.
     X_l, X_f
@@ -366,7 +367,7 @@ def fit_ebmf(
             )
         _check_init_scale(l0, f0, n, p)
         for j in range(l0.shape[1]):
-            kk = engine.k
+            kk = _n_learned(engine)
             engine.add_factor(
                 l0[:, j],
                 torch.zeros_like(l0[:, j]),
@@ -470,8 +471,9 @@ def _fit_stages(
     at the cap)``."""
 
     def n_learned() -> int:
-        fixed = zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
-        return engine.k - sum(any(fx) for fx in fixed)
+        return _n_learned(engine)
+
+    had_factors = engine.k > 0
 
     timing = {"greedy_s": 0.0, "rotate_s": 0.0, "backfit_s": 0.0, "nullcheck_s": 0.0}
     converged, stop, n_iter = True, "greedy only", 0
@@ -487,6 +489,7 @@ def _fit_stages(
             if not ok:
                 break
             added += 1
+            had_factors = True
             logger.info("greedy: factor %d added, ELBO %.6g", engine.k, elbo)
         timing["greedy_s"] += time.perf_counter() - clock
         if round_ and not added:
@@ -507,6 +510,9 @@ def _fit_stages(
             clock = time.perf_counter()
             dropped = nullcheck and _nullcheck(engine, trace)
             timing["nullcheck_s"] += time.perf_counter() - clock
+            if dropped and backfit and n_iter >= max_iter:
+                # the backfit after the drop had no budget left: not converged
+                converged, stop = False, "max_iter"
             if not dropped or not backfit or n_iter >= max_iter:
                 break
         # retry the greedy addition only if a backfit moved the residual and budget is left;
@@ -516,7 +522,8 @@ def _fit_stages(
         failed_on_y = engine.k == 0 and k_start == 0 and not added
         if not (greedy and backfit) or failed_on_y or n_learned() >= cap or n_iter >= max_iter:
             break
-    if engine.k == 0 and n_iter and stop == "greedy only":
+    if engine.k == 0 and had_factors:
+        # the backfit, the rotation or the nullcheck removed every factor
         converged, stop = True, "no factors left"
     capped = greedy and n_learned() >= cap
     if capped:
@@ -526,6 +533,12 @@ def _fit_stages(
             cap,
         )
     return converged, stop, n_iter, timing, capped
+
+
+def _n_learned(engine: Engine) -> int:
+    """The number of learned factors (those with neither side fixed)."""
+    fixed = zip(engine.loadings.fixed, engine.factors.fixed, strict=True)
+    return engine.k - sum(any(fx) for fx in fixed)
 
 
 def _progress(enabled: bool):
@@ -551,7 +564,7 @@ def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace, b
     """Add one factor from the residual's leading pair and iterate it alone; keep it if it
     is non-zero and raises the ELBO. ``basis`` warm-starts the initialiser (init.py)."""
     k = engine.k
-    prior_l, prior_f = choose_l[k], choose_f[k]
+    prior_l, prior_f = choose_l[_n_learned(engine)], choose_f[_n_learned(engine)]
     elbo_before = engine.elbo()
     pair = leading_pair(
         engine, gen, nonneg_l=prior_l.nonnegative, nonneg_f=prior_f.nonnegative, basis=basis
