@@ -417,10 +417,9 @@ def fit_ebmf(
             nullcheck=nullcheck,
             trace=trace,
             bar=bar,
+            had_factors=engine.k > 0 or init_dropped > 0,
         )
         bar.close()
-        if engine.k == 0 and init_dropped and stop == "greedy only":
-            converged, stop = True, "no factors left"  # the starting factors died
         res = _result(engine, trace, converged, stop, n_iter)
     _report_shortfalls(shortfalls, tol)
     res.timing = timing
@@ -465,15 +464,15 @@ def _fit_stages(
     nullcheck: bool,
     trace: list,
     bar,
+    had_factors: bool,
 ) -> tuple[bool, str, int, dict[str, float], bool]:
     """Greedy additions, rotation proposal, backfit and nullcheck, in rounds. Returns
     ``(converged, stop_reason, backfit sweeps, timing, whether the greedy additions ended
-    at the cap)``."""
+    at the cap)``. ``had_factors``: the fit had factors before the stages (kept or removed
+    by the first sweep of ``init``), so that ending with none is "no factors left"."""
 
     def n_learned() -> int:
         return _n_learned(engine)
-
-    had_factors = engine.k > 0
 
     timing = {"greedy_s": 0.0, "rotate_s": 0.0, "backfit_s": 0.0, "nullcheck_s": 0.0}
     converged, stop, n_iter = True, "greedy only", 0
@@ -563,8 +562,8 @@ def _progress(enabled: bool):
 def _greedy_add(engine: Engine, choose_l, choose_f, gen, tol, max_iter, trace, basis):
     """Add one factor from the residual's leading pair and iterate it alone; keep it if it
     is non-zero and raises the ELBO. ``basis`` warm-starts the initialiser (init.py)."""
-    k = engine.k
-    prior_l, prior_f = choose_l[_n_learned(engine)], choose_f[_n_learned(engine)]
+    k, learned = engine.k, _n_learned(engine)
+    prior_l, prior_f = choose_l[learned], choose_f[learned]
     elbo_before = engine.elbo()
     pair = leading_pair(
         engine, gen, nonneg_l=prior_l.nonnegative, nonneg_f=prior_f.nonnegative, basis=basis

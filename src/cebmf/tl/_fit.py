@@ -745,13 +745,13 @@ def _fit_mudata(
         _prior_spec(_per_mod(prior_factors, m), cols is not None, "point_normal")
         for m, cols in zip(mods, f_columns, strict=True)
     ]
+    each = isinstance(prior_factors, dict) or isinstance(var_covariates, dict)
     for m, spec, cols in zip(mods, per_mod_f, f_columns, strict=True):
         if isinstance(spec, list | tuple):
             raise TypeError(
                 f"prior_factors of modality {m!r} is a sequence; a joint MuData fit takes one "
                 "prior per modality (a name or a Prior instance)."
             )
-        each = isinstance(prior_factors, dict) or isinstance(var_covariates, dict)
         _check_prior(
             spec,
             cols is not None,
